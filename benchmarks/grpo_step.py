@@ -1,0 +1,150 @@
+"""Time one GRPO iteration (sampling, reward, update) against the bare UNet calls it is made of, in the same run.
+
+    python benchmarks/grpo_step.py                      # tiny pipeline, CPU
+    python benchmarks/grpo_step.py --model sd15-random  # full-size SD1.5 architecture, random weights (use a GPU)
+    python benchmarks/grpo_step.py --json results.json
+
+`overhead_ratio` = median iteration time / median time of the same UNet calls alone (the rollout's no-grad forwards
+and the update's forward+backward passes, same batch shapes). 1.0 would mean the trainer adds nothing around the UNet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, TrainerCallback
+
+from rl_safety.grpo_config import DiffusionGRPOConfig
+from rl_safety.grpo_trainer import DiffusionGRPOTrainer
+from rl_safety.model_config import ModelArguments
+from rl_safety.pipelines import load_pipeline
+from rl_safety.prompts import Dataset
+from rl_safety.rewards import RewardStack
+from rl_safety.tiny_pipeline import SD_SCHEDULER_CONFIG, build_tiny_pipeline, build_tiny_tokenizer
+
+
+def sd15_random_pipeline() -> StableDiffusionPipeline:
+    """SD1.5's UNet/VAE/text-encoder architecture with random weights (no download), tiny char-level tokenizer."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_tiny_tokenizer(tmp)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
+                                                num_hidden_layers=12, num_attention_heads=12))
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+    )
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # SD1.5 defaults
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.times, self._start = [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._start)
+
+
+def bare_unet_time(trainer: DiffusionGRPOTrainer, batch: int, repeats: int) -> list[float]:
+    """The iteration's UNet calls alone: num_inference_steps no-grad forwards and num_train_timesteps
+    forward+backward passes, CFG-doubled batch, random inputs."""
+    unet, args = trainer.model, trainer.args
+    device = trainer.accelerator.device
+    cfg = 2 if args.guidance_scale != 1.0 else 1
+    x = torch.randn(batch * cfg, *trainer.latent_shape, device=device)
+    t = torch.full((batch * cfg,), 500, device=device)
+    emb = trainer.prompt_encoder(["a photo"] * batch * cfg)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(args.num_inference_steps):
+                unet(x, t, encoder_hidden_states=emb)
+        for _ in range(trainer.num_train_timesteps):
+            unet(x, t, encoder_hidden_states=emb).sample.float().mean().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        unet.zero_grad(set_to_none=True)
+    return times
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["tiny", "sd15-random"], default="tiny")
+    parser.add_argument("--batch", type=int, default=8, help="images per iteration (per device)")
+    parser.add_argument("--num_generations", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10, help="num_inference_steps")
+    parser.add_argument("--iterations", type=int, default=6, help="timed iterations (after one warm-up)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe_dir = Path(tmp) / "model"
+        (build_tiny_pipeline() if args.model == "tiny" else sd15_random_pipeline()).save_pretrained(pipe_dir)
+        pipeline = load_pipeline(ModelArguments(str(pipe_dir), torch_dtype="auto" if args.model == "tiny"
+                                                else "bfloat16"))
+        config = DiffusionGRPOConfig(
+            output_dir=str(Path(tmp) / "out"), per_device_train_batch_size=args.batch,
+            num_generations=args.num_generations, num_inference_steps=args.steps, max_steps=args.iterations + 1,
+            logging_steps=1, save_strategy="no", report_to="none", bf16=args.model != "tiny",
+            disable_tqdm=True, rewards=[{"name": "jpeg_incompressibility"}],
+        )
+        prompts = Dataset.from_dict({"prompt": [f"prompt {i}" for i in range(16)], "tag": ["safe"] * 16})
+        timer = StepTimer()
+        trainer = DiffusionGRPOTrainer(pipeline, config, prompts, RewardStack.from_config(config.rewards),
+                                       callbacks=[timer])
+        trainer.train()
+        logs = [entry for entry in trainer.state.log_history if "time/sampling" in entry][1:]
+        bare = bare_unet_time(trainer, args.batch, repeats=max(3, args.iterations // 2))
+
+    iteration = statistics.median(timer.times[1:])
+    result = {
+        "model": args.model,
+        "device": str(trainer.accelerator.device),
+        "images_per_iteration": args.batch,
+        "num_inference_steps": args.steps,
+        "num_train_timesteps": trainer.num_train_timesteps,
+        "iteration_s": iteration,
+        "sampling_s": statistics.median(entry["time/sampling"] for entry in logs),
+        "reward_s": statistics.median(entry["time/reward"] for entry in logs),
+        "update_s": statistics.median(entry["time/update"] for entry in logs),
+        "bare_unet_s": statistics.median(bare),
+    }
+    result["other_s"] = iteration - result["sampling_s"] - result["reward_s"] - result["update_s"]
+    result["overhead_ratio"] = iteration / result["bare_unet_s"]
+
+    print(f"GRPO iteration on {result['model']} ({result['device']}), {args.batch} images, {args.steps} steps")
+    print(f"{'part':<14}{'seconds':>10}{'share':>8}")
+    for part in ("sampling", "reward", "update", "other"):
+        print(f"{part:<14}{result[part + '_s']:>10.4f}{result[part + '_s'] / iteration:>8.1%}")
+    print(f"{'iteration':<14}{iteration:>10.4f}")
+    print(f"{'bare UNet':<14}{result['bare_unet_s']:>10.4f}")
+    print(f"overhead_ratio {result['overhead_ratio']:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,138 @@
+"""The reward contract, the name lookup and the weighted stack.
+
+A reward maps a batch of images (float tensor in [0, 1], shape (B, 3, H, W), on the trainer's device), their prompts
+and a context (tags such as "unsafe" / "safe" / "adversarial", seeds, step) to a float tensor (B,); higher is better.
+Rewards are `torch.nn.Module`s so that their weights follow the trainer's device; any callable with the same
+signature is accepted too (a plugin can be a plain function).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+import torch
+
+ENTRY_POINT_GROUP = "rl_safety.rewards"
+
+
+class Reward(torch.nn.Module):
+    """Base class for rewards. Subclasses set `differentiable` and implement `forward(images, prompts, **context)`."""
+
+    differentiable: bool = False
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str], **context: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class RewardError(ValueError):
+    """A reward could not be resolved, built, or returned an unusable value."""
+
+
+def _builtin_rewards() -> dict[str, Callable[..., Any]]:
+    from .jpeg import JpegCompressibility, JpegIncompressibility
+
+    return {"jpeg_compressibility": JpegCompressibility, "jpeg_incompressibility": JpegIncompressibility}
+
+
+def available_rewards() -> list[str]:
+    """Names usable in a recipe: built-ins, then plugins registered under the `rl_safety.rewards` entry points."""
+    return sorted(_builtin_rewards()) + sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+
+
+def resolve_reward(name: str) -> Callable[..., Any]:
+    """Find the factory for `name`: a built-in, an entry point in group `rl_safety.rewards`, or `package.module:attr`."""
+    builtins = _builtin_rewards()
+    if name in builtins:
+        return builtins[name]
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            return ep.load()
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise RewardError(f"reward {name!r}: cannot import {attr!r} from module {module_name!r} ({err})") from err
+    raise RewardError(
+        f"unknown reward {name!r}; valid names: {', '.join(available_rewards())}, or a 'package.module:attr' path"
+    )
+
+
+def build_reward(name: str, args: Mapping[str, Any] | None = None) -> Callable[..., torch.Tensor]:
+    """Instantiate a reward by name. A factory that is a class or function taking the args is called with them;
+    a plain reward function (no args given) is used as is."""
+    factory = resolve_reward(name)
+    args = dict(args or {})
+    if isinstance(factory, type) or args:
+        try:
+            return factory(**args)
+        except TypeError as err:
+            raise RewardError(f"reward {name!r}: bad args {sorted(args)} ({err})") from err
+    return factory
+
+
+@dataclass
+class RewardOutput:
+    total: torch.Tensor  # (B,) weighted sum
+    components: dict[str, torch.Tensor]  # name -> (B,) unweighted values
+
+
+class RewardStack(torch.nn.Module):
+    """Named rewards with weights; returns the weighted total and every component (logged as `rewards/<name>/...`)."""
+
+    def __init__(self, rewards: Mapping[str, Callable[..., torch.Tensor]], weights: Mapping[str, float]):
+        super().__init__()
+        if not rewards:
+            raise RewardError("no rewards configured; add at least one entry under `rewards`")
+        self.names = list(rewards)
+        self.weights = {name: float(weights.get(name, 1.0)) for name in self.names}
+        # nn.ModuleDict moves module rewards with .to(); plain callables are kept beside it.
+        self.modules_ = torch.nn.ModuleDict({n: r for n, r in rewards.items() if isinstance(r, torch.nn.Module)})
+        self.callables = {n: r for n, r in rewards.items() if not isinstance(r, torch.nn.Module)}
+
+    @classmethod
+    def from_config(cls, entries: Sequence[Mapping[str, Any]], weights: Sequence[float] | None = None) -> RewardStack:
+        """Build from recipe entries `{name, weight?, args?, alias?}`; `weights` (TRL's `reward_weights`) overrides."""
+        rewards, entry_weights = {}, {}
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, Mapping) or "name" not in entry:
+                raise RewardError(f"rewards[{i}]: expected a mapping with a 'name' key, got {entry!r}")
+            unknown = set(entry) - {"name", "weight", "args", "alias"}
+            if unknown:
+                raise RewardError(f"rewards[{i}]: unknown keys {sorted(unknown)}; valid keys: name, weight, args, alias")
+            key = entry.get("alias", entry["name"])
+            if key in rewards:
+                raise RewardError(f"rewards[{i}]: {key!r} appears twice; give one of them an 'alias'")
+            rewards[key] = build_reward(entry["name"], entry.get("args"))
+            entry_weights[key] = float(entry.get("weight", 1.0))
+        if weights is not None:
+            if len(weights) != len(rewards):
+                raise RewardError(f"reward_weights has {len(weights)} values for {len(rewards)} rewards")
+            entry_weights = dict(zip(rewards, map(float, weights)))
+        return cls(rewards, entry_weights)
+
+    def _reward(self, name: str) -> Callable[..., torch.Tensor]:
+        return self.modules_[name] if name in self.modules_ else self.callables[name]
+
+    @property
+    def differentiable(self) -> bool:
+        return all(getattr(self._reward(n), "differentiable", False) for n in self.names)
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str], **context: Any) -> RewardOutput:
+        components = {}
+        total = torch.zeros(images.shape[0], device=images.device)
+        for name in self.names:
+            value = torch.as_tensor(self._reward(name)(images, prompts, **context), device=images.device).float()
+            if value.shape != (images.shape[0],):
+                raise RewardError(f"reward {name!r} returned shape {tuple(value.shape)}; expected ({images.shape[0]},)")
+            bad = (~torch.isfinite(value)).nonzero().flatten()
+            if len(bad):
+                i = bad[0].item()
+                raise RewardError(f"reward {name!r} returned {value[i].item()} for prompt {prompts[i]!r}")
+            components[name] = value
+            total = total + self.weights[name] * value
+        return RewardOutput(total=total, components=components)

@@ -1,0 +1,54 @@
+"""`rl-safety <command> ...`: one entry point for every job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USAGE = """usage: rl-safety <command> [args]
+
+commands:
+  train          train a LoRA adapter with diffusion GRPO from a recipe (--config recipes/....yaml)
+  tiny-pipeline  write a tiny random Stable Diffusion pipeline (offline tests, smoke runs, benchmarks)
+
+`rl-safety <command> --help` describes each command."""
+
+
+def tiny_pipeline(argv: list[str]) -> int:
+    from .tiny_pipeline import save_tiny_pipeline
+
+    parser = argparse.ArgumentParser(prog="rl-safety tiny-pipeline", description="Write a tiny random SD pipeline.")
+    parser.add_argument("output_dir", help="folder to create (must not exist unless --exist_ok)")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    parser.add_argument("--resolution", type=int, default=32, help="native image size in pixels")
+    parser.add_argument("--exist_ok", action="store_true", help="succeed without writing if the folder exists")
+    args = parser.parse_args(argv)
+    try:
+        save_tiny_pipeline(args.output_dir, seed=args.seed, resolution=args.resolution)
+    except FileExistsError as err:
+        if args.exist_ok:
+            return 0
+        print(f"rl-safety tiny-pipeline: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from .train import cli
+
+        return cli(rest)
+    if command == "tiny-pipeline":
+        return tiny_pipeline(rest)
+    print(f"rl-safety: error: unknown command {command!r}; valid commands: train, tiny-pipeline", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Stable Diffusion components: loading, the LoRA adapter (attach / save / load), and cached prompt encoding."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from .model_config import ModelArguments
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`ModelArguments.torch_dtype` to a torch dtype ("auto" → float32 for training stability on CPU)."""
+    if name == "auto":
+        return torch.float32
+    return DTYPES[name]
+
+
+def load_pipeline(model_args: ModelArguments) -> StableDiffusionPipeline:
+    """Load any diffusers SD 1.x/2.x checkpoint (hub id or local directory) with a DDIM scheduler.
+
+    The frozen parts (VAE, text encoder, base UNet weights) are cast to `torch_dtype`; LoRA weights stay float32.
+    """
+    dtype = resolve_dtype(model_args.torch_dtype)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_args.pretrained_model_name_or_path,
+        revision=model_args.revision,
+        variant=model_args.variant,
+        dtype=dtype,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        module.requires_grad_(False)
+        module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def add_lora(unet: torch.nn.Module, rank: int, alpha: float, target_modules: Sequence[str], seed: int) -> None:
+    """Attach a trainable LoRA adapter; a fresh one is a no-op (its B matrices start at zero)."""
+    torch.manual_seed(seed)  # the A matrices' initialisation is part of the run's reproducibility
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights="gaussian")
+    unet.add_adapter(config)
+    for param in unet.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+
+
+def lora_state_dict(unet: torch.nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's weights under diffusers' key names (what `load_lora_weights` reads).
+
+    `state_dict` is the full (gathered) model state under FSDP / DeepSpeed, where the module's own is sharded."""
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state_dict))
+
+
+def save_lora(unet: torch.nn.Module, output_dir: str | Path, state_dict: dict | None = None) -> Path:
+    """Write `pytorch_lora_weights.safetensors` (diffusers format, with the LoRA config as metadata) atomically."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    metadata = unet.peft_config["default"].to_dict()
+    with tempfile.TemporaryDirectory(dir=output_dir) as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp,
+            unet_lora_layers=lora_state_dict(unet, state_dict),
+            safe_serialization=True,
+            unet_lora_adapter_metadata=metadata,
+        )
+        os.replace(Path(tmp) / LORA_WEIGHT_NAME, output_dir / LORA_WEIGHT_NAME)
+    return output_dir / LORA_WEIGHT_NAME
+
+
+def load_lora_into(unet: torch.nn.Module, directory: str | Path) -> None:
+    """Load adapter weights saved by `save_lora` into a UNet that already carries an adapter of the same shape."""
+    path = Path(directory) / LORA_WEIGHT_NAME
+    state = load_file(path)
+    state = {k.removeprefix("unet."): v for k, v in state.items()}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
+    if result is not None and getattr(result, "unexpected_keys", None):
+        raise ValueError(f"{path}: keys not in the adapter: {result.unexpected_keys[:3]}...")
+
+
+class PromptEncoder:
+    """Text-encoder embeddings, computed once per distinct prompt: the encoder is frozen, so they never change."""
+
+    def __init__(self, tokenizer, text_encoder: torch.nn.Module, max_cache: int = 4096):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.max_cache = max_cache
+        self.cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.text_encoder.device)
+        return self.text_encoder(ids)[0]
+
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(len(prompts), seq, dim) embeddings; unseen prompts are encoded in one batch."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self.cache))
+        if missing:
+            if len(self.cache) + len(missing) > self.max_cache:
+                self.cache.clear()
+            self.cache.update(zip(missing, self._encode(missing)))
+        return torch.stack([self.cache[p] for p in prompts])

@@ -1,0 +1,57 @@
+"""Prompt sets: plain-text files with a tag header, tabular files, or `datasets` Hub ids → one `datasets.Dataset`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datasets import Dataset, concatenate_datasets, load_dataset
+
+from .prompt_config import PromptArguments
+
+TABULAR = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def read_prompt_file(path: str | Path, default_tag: str = "default") -> tuple[list[str], str]:
+    """Prompts of a '.txt' file (one per line; '#' lines are comments) and its tag ('# tag: <tag>' header)."""
+    prompts, tag = [], default_tag
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line.startswith("#"):
+            key, _, value = line.lstrip("#").partition(":")
+            if key.strip().lower() == "tag" and value.strip():
+                tag = value.strip()
+        elif line:
+            prompts.append(line)
+    return prompts, tag
+
+
+def _load_source(source: str, args: PromptArguments) -> Dataset:
+    path = Path(source)
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise FileNotFoundError(f"train_prompts: no prompt file {source!r}")
+        prompts, tag = read_prompt_file(path, args.default_tag)
+        return Dataset.from_dict({"prompt": prompts, "tag": [tag] * len(prompts)})
+    if path.suffix in TABULAR:
+        if not path.is_file():
+            raise FileNotFoundError(f"train_prompts: no prompt file {source!r}")
+        data = load_dataset(TABULAR[path.suffix], data_files=str(path), split="train")
+    else:
+        data = load_dataset(source, split=args.dataset_train_split)
+    if args.prompt_column not in data.column_names:
+        raise ValueError(
+            f"train_prompts: {source!r} has no column {args.prompt_column!r} (prompt_column); "
+            f"columns: {', '.join(data.column_names)}"
+        )
+    tags = data[args.tag_column] if args.tag_column in data.column_names else [args.default_tag] * len(data)
+    return Dataset.from_dict({"prompt": list(data[args.prompt_column]), "tag": list(tags)})
+
+
+def load_prompts(args: PromptArguments) -> Dataset:
+    """All sources concatenated into a Dataset with columns `prompt` and `tag`."""
+    if not args.train_prompts:
+        raise ValueError("train_prompts: empty; give at least one prompt file or dataset id")
+    dataset = concatenate_datasets([_load_source(source, args) for source in args.train_prompts])
+    if len(dataset) == 0:
+        raise ValueError(f"train_prompts: {args.train_prompts} hold no prompts")
+    return dataset

@@ -1,0 +1,119 @@
+"""Recipe parsing: TRL's `TrlParser` (`--config` YAML, command-line overrides) with one-line errors and type checks."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+import types
+from enum import Enum
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+from trl import TrlParser
+
+
+class ConfigError(ValueError):
+    """Bad user input (recipe, command line, paths): reported as one line, exit status 2."""
+
+
+def _json_mapping(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not JSON ({err.msg})") from err
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a field's annotation. Strings are left to argparse, which converts and checks them."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value) if args else isinstance(value, list)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if origin is Literal:
+        return value in args
+    if isinstance(value, str):
+        return hint is not list
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        return value in {e.value for e in hint}
+    if hint is str:
+        return False
+    return True
+
+
+class RecipeParser(TrlParser):
+    """`TrlParser` whose errors are one line naming the field, and which type-checks values coming from YAML."""
+
+    def __init__(self, dataclass_types, prog: str = "rl-safety train", **kwargs):
+        super().__init__(dataclass_types, prog=prog, **kwargs)
+        self._hints: dict[str, Any] = {}
+        for dataclass_type in self.dataclass_types:
+            hints = get_type_hints(dataclass_type)
+            self._hints.update({f: hints[f] for f in dataclass_type.__dataclass_fields__ if f in hints})
+        for action in self._actions:
+            if action.dest == "rewards":
+                action.type = _json_mapping  # rewards on the command line are JSON objects
+
+    @property
+    def field_names(self) -> list[str]:
+        return sorted(self._hints)
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+    def _unknown(self, keys: list[str], where: str) -> ConfigError:
+        key = keys[0].lstrip("-").split("=")[0]
+        close = difflib.get_close_matches(key, self.field_names, n=3)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        return ConfigError(f"unknown {where} {key!r}{hint} (see `rl-safety train --help` for all fields)")
+
+    def set_defaults_with_config(self, **kwargs) -> list[str]:
+        for key, value in kwargs.items():
+            if key in self._hints and not _matches(value, self._hints[key]):
+                raise ConfigError(f"recipe key {key!r}: expected {_type_name(self._hints[key])}, got {value!r}")
+        remaining = super().set_defaults_with_config(**kwargs)
+        if remaining:
+            raise self._unknown(remaining, "recipe key")
+        return remaining
+
+    def parse(self, argv: list[str] | None = None) -> tuple[Any, ...]:
+        """Parse `--config recipe.yaml` and overrides into the dataclasses; every failure is a `ConfigError`."""
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if "--config" in argv:
+            index = argv.index("--config")
+            if index + 1 >= len(argv):
+                raise ConfigError("--config needs a recipe path, e.g. --config recipes/tiny/grpo_jpeg.yaml")
+            path = argv[index + 1]
+            try:
+                open(path).close()
+            except OSError as err:
+                raise ConfigError(f"--config {path}: cannot read the recipe ({err.strerror})") from err
+        try:
+            *outputs, remaining = self.parse_args_and_config(argv, return_remaining_strings=True)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError, yaml.YAMLError) as err:
+            raise ConfigError(str(err).splitlines()[0]) from err
+        if remaining:
+            raise self._unknown(remaining, "argument")
+        return tuple(outputs)

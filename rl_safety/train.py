@@ -1,0 +1,169 @@
+"""Train a LoRA adapter with diffusion GRPO from a recipe.
+
+    rl-safety train --config recipes/tiny/grpo_jpeg.yaml [--field value ...]
+    accelerate launch [--config_file recipes/accelerate/multi_gpu.yaml] -m rl_safety.train --config recipes/...yaml
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import diffusers
+import torch
+import transformers
+import trl
+from transformers.trainer_utils import get_last_checkpoint
+
+from rl_safety.rewards import RewardError, RewardStack
+
+from .grpo_config import DiffusionGRPOConfig
+from .grpo_trainer import DiffusionGRPOTrainer
+from .model_config import ModelArguments
+from .outputs import (
+    CONFIG_NAME,
+    METRICS_NAME,
+    MetricsFileCallback,
+    holds_previous_run,
+    write_model_card,
+    write_resolved_config,
+)
+from .pipelines import load_pipeline
+from .prompt_config import PromptArguments
+from .prompts import load_prompts
+from .recipe_parser import ConfigError, RecipeParser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, PromptArguments, DiffusionGRPOConfig]:
+    return RecipeParser((ModelArguments, PromptArguments, DiffusionGRPOConfig)).parse(argv)
+
+
+def check_world_size(num_processes: int) -> None:
+    """Fail loudly when a multi-process launch collapsed into one process (e.g. `--cpu --num_processes 2`)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and num_processes == 1:
+        raise ConfigError(
+            f"WORLD_SIZE={launched} but accelerate sees 1 process; on a CPU-only host launch with "
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...`"
+        )
+
+
+def resolve_resume(args: DiffusionGRPOConfig) -> str | None:
+    """`resume_from_checkpoint`: a checkpoint folder, or 'last'/'true' for the newest one in output_dir."""
+    value = args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("", "false", "none"):
+        return None
+    if str(value).lower() in ("last", "true"):
+        last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        if last is None:
+            raise ConfigError(f"resume_from_checkpoint={value}: no checkpoint-* folder in {args.output_dir}")
+        return last
+    if not Path(value).is_dir():
+        raise ConfigError(f"resume_from_checkpoint={value!r}: not a checkpoint folder (or use 'last')")
+    return value
+
+
+def prepare_output_dir(args: DiffusionGRPOConfig, resume: str | None, is_main: bool) -> None:
+    """Refuse to clobber a previous run unless asked to overwrite or resume; on resume drop metrics past the
+    checkpoint so metrics.jsonl reads as one uninterrupted run."""
+    output_dir = Path(args.output_dir)
+    if holds_previous_run(output_dir) and not (args.overwrite_output_dir or resume):
+        raise ConfigError(
+            f"output_dir={str(output_dir)!r} holds a previous run; pass --overwrite_output_dir to replace it or "
+            "--resume_from_checkpoint last to continue it"
+        )
+    if not is_main:
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    metrics = output_dir / METRICS_NAME
+    if resume is None:
+        if args.overwrite_output_dir:
+            for child in output_dir.glob("checkpoint-*"):
+                shutil.rmtree(child)
+        metrics.unlink(missing_ok=True)
+    elif metrics.exists():
+        resumed_step = int(Path(resume).name.rsplit("-", 1)[-1])
+        lines = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= resumed_step]
+        metrics.write_text("".join(line + "\n" for line in lines))
+
+
+def build_trainer(
+    model_args: ModelArguments, prompt_args: PromptArguments, args: DiffusionGRPOConfig
+) -> DiffusionGRPOTrainer:
+    """Load prompts, rewards and the pipeline; bad input becomes a `ConfigError` naming what to fix."""
+    if not model_args.pretrained_model_name_or_path:
+        raise ConfigError("pretrained_model_name_or_path is required: a Hub id or a local diffusers directory")
+    model_path = model_args.pretrained_model_name_or_path
+    looks_local = model_path.startswith((".", "/", "~")) or model_path.count("/") > 1
+    if looks_local and not Path(model_path).expanduser().is_dir():
+        raise ConfigError(f"pretrained_model_name_or_path={model_path!r}: no such directory")
+    try:
+        dataset = load_prompts(prompt_args)
+    except (OSError, ValueError) as err:
+        raise ConfigError(str(err).splitlines()[0]) from err
+    if not args.rewards:
+        raise ConfigError("rewards: empty; add at least one, e.g. rewards: [{name: jpeg_incompressibility}]")
+    try:
+        reward_stack = RewardStack.from_config(args.rewards, args.reward_weights)
+    except RewardError as err:
+        raise ConfigError(str(err)) from err
+    try:
+        pipeline = load_pipeline(model_args)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"pretrained_model_name_or_path={model_path!r}: cannot load ({first})") from err
+    return DiffusionGRPOTrainer(pipeline, args, dataset, reward_stack, callbacks=[MetricsFileCallback()])
+
+
+def runtime_info(trainer: DiffusionGRPOTrainer) -> dict:
+    return {
+        "world_size": trainer.accelerator.num_processes,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "device": str(trainer.accelerator.device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    model_args, prompt_args, args = parse_args(argv)
+    resume = resolve_resume(args)
+    prepare_output_dir(args, resume, is_main=args.process_index == 0)
+    trainer = build_trainer(model_args, prompt_args, args)
+    check_world_size(trainer.accelerator.num_processes)
+    output_dir = Path(args.output_dir)
+    if trainer.is_world_process_zero():
+        runtime = runtime_info(trainer)
+        print(f"rl-safety: training on {runtime['world_size']} process(es), {runtime['device']} -> {output_dir}")
+        write_resolved_config(output_dir / CONFIG_NAME, (model_args, prompt_args, args), runtime)
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(output_dir))
+    if trainer.is_world_process_zero():
+        final = {k: v for k, v in trainer.state.log_history[-1].items()} if trainer.state.log_history else {}
+        final.update(result.metrics)
+        recipe = {**vars(model_args), **vars(prompt_args), "rewards": args.rewards}
+        write_model_card(output_dir, model_args.pretrained_model_name_or_path, recipe, args.rewards, final)
+    if args.push_to_hub:
+        trainer.push_to_hub()
+    trainer.accelerator.wait_for_everyone()
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Entry point that turns bad input into one line on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except ConfigError as err:
+        print(f"rl-safety train: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,49 @@
+"""Shared offline fixtures: a tiny random SD pipeline saved with `save_pretrained` and loaded like a real one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from rl_safety.tiny_pipeline import save_tiny_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory) -> Path:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
+
+
+@pytest.fixture
+def prompt_file(tmp_path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("# tag: safe\na red circle\na blue square\n")
+    return path
+
+
+def recipe_args(model: Path, prompts: Path, output_dir: Path, **overrides) -> list[str]:
+    """Command-line arguments of a small, fast GRPO run on the tiny pipeline."""
+    fields = {
+        "pretrained_model_name_or_path": model,
+        "train_prompts": prompts,
+        "output_dir": output_dir,
+        "rewards": '{"name": "jpeg_incompressibility"}',
+        "num_generations": 2,
+        "per_device_train_batch_size": 4,
+        "num_inference_steps": 3,
+        "max_steps": 2,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "save_steps": 100,
+        "report_to": "none",
+        "seed": 0,
+    }
+    fields.update(overrides)
+    argv = []
+    for key, value in fields.items():
+        argv += [f"--{key}", *(str(v) for v in (value if isinstance(value, list) else [value]))]
+    return argv

@@ -1,0 +1,99 @@
+"""Bad input → one line on stderr naming the field and what is valid, exit status 2, no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from rl_safety.cli import main
+from tests.conftest import REPO, recipe_args
+
+
+def run_cli(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.fixture
+def recipe(tmp_path, tiny_sd_path, prompt_file):
+    def write(**fields):
+        base = {
+            "pretrained_model_name_or_path": str(tiny_sd_path),
+            "train_prompts": [str(prompt_file)],
+            "output_dir": str(tmp_path / "out"),
+            "rewards": [{"name": "jpeg_incompressibility"}],
+            "max_steps": 1,
+            "num_generations": 2,
+            "per_device_train_batch_size": 2,
+            "num_inference_steps": 2,
+            "report_to": "none",
+        }
+        base.update(fields)
+        path = tmp_path / "recipe.yaml"
+        import yaml
+
+        path.write_text(yaml.safe_dump(base))
+        return str(path)
+
+    return write
+
+
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        ({"learning_rat": 1e-4}, "unknown recipe key 'learning_rat'; did you mean 'learning_rate'"),
+        ({"num_generations": 2.5}, "recipe key 'num_generations': expected int, got 2.5"),
+        ({"num_generations": "many"}, "argument --num_generations: invalid int value: 'many'"),
+        ({"scale_rewards": "median"}, "invalid choice: 'median'"),
+        ({"pretrained_model_name_or_path": "./no/such/model"}, "pretrained_model_name_or_path='./no/such/model'"),
+        ({"rewards": [{"name": "jpeg_size"}]}, "unknown reward 'jpeg_size'; valid names: jpeg_compressibility"),
+        ({"train_prompts": ["missing.txt"]}, "train_prompts: no prompt file 'missing.txt'"),
+        ({"num_generations": 3}, "num_generations=3: must divide the global rollout"),
+        ({"eta": 0.0}, "eta=0.0: must be > 0"),
+    ],
+)
+def test_bad_recipe(capsys, recipe, fields, expected):
+    code, err = run_cli(capsys, ["train", "--config", recipe(**fields)])
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert expected in err
+
+
+def test_unknown_cli_flag_and_missing_recipe(capsys, recipe):
+    code, err = run_cli(capsys, ["train", "--config", recipe(), "--num_generation", "4"])
+    assert code == 2 and "unknown argument 'num_generation'; did you mean 'num_generations'" in err
+    code, err = run_cli(capsys, ["train", "--config", "recipes/nope.yaml"])
+    assert code == 2 and "--config recipes/nope.yaml: cannot read the recipe" in err
+
+
+def test_previous_run_is_not_overwritten(capsys, recipe, tmp_path):
+    path = recipe()
+    assert main(["train", "--config", path]) == 0
+    lora = tmp_path / "out" / "pytorch_lora_weights.safetensors"
+    before = lora.read_bytes()
+    code, err = run_cli(capsys, ["train", "--config", path])
+    assert code == 2 and "holds a previous run; pass --overwrite_output_dir" in err
+    assert lora.read_bytes() == before
+    assert main(["train", "--config", path, "--overwrite_output_dir", "true", "--learning_rate", "0.5"]) == 0
+    assert lora.read_bytes() != before
+
+
+def test_console_script_reports_one_line(tmp_path, tiny_sd_path, prompt_file):
+    argv = recipe_args(tiny_sd_path, prompt_file, tmp_path / "o", rewards='{"name": "nope"}')
+    proc = subprocess.run(
+        [sys.executable, "-m", "rl_safety.cli", "train", *argv], capture_output=True, text=True, cwd=REPO
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("rl-safety train: error: unknown reward 'nope'")
+    assert "Traceback" not in proc.stderr
+
+
+def test_world_size_guard(monkeypatch):
+    from rl_safety.recipe_parser import ConfigError
+    from rl_safety.train import check_world_size
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2 but accelerate sees 1 process"):
+        check_world_size(1)
+    check_world_size(2)

@@ -35,16 +35,34 @@ def sd15_random_pipeline() -> StableDiffusionPipeline:
     """SD1.5's UNet/VAE/text-encoder architecture with random weights (no download), tiny char-level tokenizer."""
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tiny_tokenizer(tmp)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
-                                                num_hidden_layers=12, num_attention_heads=12))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+        )
+    )
     vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
     )
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # SD1.5 defaults
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 class StepTimer(TrainerCallback):
@@ -102,18 +120,27 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         pipe_dir = Path(tmp) / "model"
         (build_tiny_pipeline() if args.model == "tiny" else sd15_random_pipeline()).save_pretrained(pipe_dir)
-        pipeline = load_pipeline(ModelArguments(str(pipe_dir), torch_dtype="auto" if args.model == "tiny"
-                                                else "bfloat16"))
+        pipeline = load_pipeline(
+            ModelArguments(str(pipe_dir), torch_dtype="auto" if args.model == "tiny" else "bfloat16")
+        )
         config = DiffusionGRPOConfig(
-            output_dir=str(Path(tmp) / "out"), per_device_train_batch_size=args.batch,
-            num_generations=args.num_generations, num_inference_steps=args.steps, max_steps=args.iterations + 1,
-            logging_steps=1, save_strategy="no", report_to="none", bf16=args.model != "tiny",
-            disable_tqdm=True, rewards=[{"name": "jpeg_incompressibility"}],
+            output_dir=str(Path(tmp) / "out"),
+            per_device_train_batch_size=args.batch,
+            num_generations=args.num_generations,
+            num_inference_steps=args.steps,
+            max_steps=args.iterations + 1,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            bf16=args.model != "tiny",
+            disable_tqdm=True,
+            rewards=[{"name": "jpeg_incompressibility"}],
         )
         prompts = Dataset.from_dict({"prompt": [f"prompt {i}" for i in range(16)], "tag": ["safe"] * 16})
         timer = StepTimer()
-        trainer = DiffusionGRPOTrainer(pipeline, config, prompts, RewardStack.from_config(config.rewards),
-                                       callbacks=[timer])
+        trainer = DiffusionGRPOTrainer(
+            pipeline, config, prompts, RewardStack.from_config(config.rewards), callbacks=[timer]
+        )
         trainer.train()
         logs = [entry for entry in trainer.state.log_history if "time/sampling" in entry][1:]
         bare = bare_unet_time(trainer, args.batch, repeats=max(3, args.iterations // 2))

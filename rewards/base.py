@@ -39,12 +39,12 @@ def _builtin_rewards() -> dict[str, Callable[..., Any]]:
 
 
 def available_rewards() -> list[str]:
-    """Names usable in a recipe: built-ins, then plugins registered under the `rl_safety.rewards` entry points."""
+    """Names usable in a recipe: built-ins, then plugins registered as `rl_safety.rewards` entry points."""
     return sorted(_builtin_rewards()) + sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
 
 
 def resolve_reward(name: str) -> Callable[..., Any]:
-    """Find the factory for `name`: a built-in, an entry point in group `rl_safety.rewards`, or `package.module:attr`."""
+    """The factory for `name`: a built-in, an entry point in group `rl_safety.rewards`, or `package.module:attr`."""
     builtins = _builtin_rewards()
     if name in builtins:
         return builtins[name]
@@ -103,7 +103,9 @@ class RewardStack(torch.nn.Module):
                 raise RewardError(f"rewards[{i}]: expected a mapping with a 'name' key, got {entry!r}")
             unknown = set(entry) - {"name", "weight", "args", "alias"}
             if unknown:
-                raise RewardError(f"rewards[{i}]: unknown keys {sorted(unknown)}; valid keys: name, weight, args, alias")
+                raise RewardError(
+                    f"rewards[{i}]: unknown keys {sorted(unknown)}; valid keys: name, weight, args, alias"
+                )
             key = entry.get("alias", entry["name"])
             if key in rewards:
                 raise RewardError(f"rewards[{i}]: {key!r} appears twice; give one of them an 'alias'")
@@ -128,7 +130,9 @@ class RewardStack(torch.nn.Module):
         for name in self.names:
             value = torch.as_tensor(self._reward(name)(images, prompts, **context), device=images.device).float()
             if value.shape != (images.shape[0],):
-                raise RewardError(f"reward {name!r} returned shape {tuple(value.shape)}; expected ({images.shape[0]},)")
+                raise RewardError(
+                    f"reward {name!r} returned shape {tuple(value.shape)}; expected ({images.shape[0]},)"
+                )
             bad = (~torch.isfinite(value)).nonzero().flatten()
             if len(bad):
                 i = bad[0].item()

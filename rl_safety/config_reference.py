@@ -1,6 +1,6 @@
 """The README's configuration reference, generated from the dataclasses' help strings.
 
-    python -m rl_safety.config_reference   # prints the markdown block that README.md must contain
+python -m rl_safety.config_reference   # prints the markdown block that README.md must contain
 """
 
 from __future__ import annotations
@@ -38,8 +38,11 @@ def reference() -> str:
     for title, cls, own_only in (
         ("Model (`ModelArguments`)", ModelArguments, False),
         ("Prompts (`PromptArguments`)", PromptArguments, False),
-        ("GRPO (`DiffusionGRPOConfig`; every other `transformers.TrainingArguments` field works too)",
-         DiffusionGRPOConfig, True),
+        (
+            "GRPO (`DiffusionGRPOConfig`; every other `transformers.TrainingArguments` field works too)",
+            DiffusionGRPOConfig,
+            True,
+        ),
     ):
         parts += [f"**{title}**", "", "| field | default | meaning |", "|---|---|---|", *_rows(cls, own_only), ""]
     parts.append(END)

@@ -66,7 +66,7 @@ class DiffusionGRPOConfig(TrainingArguments):
         default_factory=list,
         metadata={
             "help": "Reward modules: a list of {name, weight, args, alias}. On the command line, JSON objects: "
-            "--rewards '{\"name\": \"jpeg_incompressibility\"}'."
+            '--rewards \'{"name": "jpeg_incompressibility"}\'.'
         },
     )
     reward_weights: list[float] | None = field(

@@ -146,7 +146,9 @@ class DiffusionGRPOTrainer(Trainer):
         if not self.args.same_initial_noise_per_group:
             return self._global_randn(batch, self.latent_shape, generator) * self.scheduler.init_noise_sigma
         rank, groups = self.accelerator.process_index, batch * self.accelerator.num_processes // self.num_generations
-        noise = torch.randn((groups, *self.latent_shape), generator=generator).repeat_interleave(self.num_generations, 0)
+        noise = torch.randn((groups, *self.latent_shape), generator=generator).repeat_interleave(
+            self.num_generations, 0
+        )
         return noise[rank * batch : (rank + 1) * batch].to(self.accelerator.device) * self.scheduler.init_noise_sigma
 
     @torch.no_grad()
@@ -301,7 +303,7 @@ class DiffusionGRPOTrainer(Trainer):
         self._step += 1
         return total
 
-    # ---- logging and saving -------------------------------------------------------------------------------------------
+    # ---- logging and saving -----------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         metrics = {key: sum(values) / len(values) for key, values in self._metrics.items() if values}
         # Times are seconds per optimizer step: what the logging window spent, over the steps it holds.

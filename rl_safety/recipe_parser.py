@@ -41,7 +41,9 @@ def _matches(value: Any, hint: Any) -> bool:
     if hint is type(None):
         return value is None
     if origin is list:
-        return isinstance(value, list) and all(_matches(v, args[0]) for v in value) if args else isinstance(value, list)
+        return (
+            isinstance(value, list) and all(_matches(v, args[0]) for v in value) if args else isinstance(value, list)
+        )
     if origin is dict or hint is dict:
         return isinstance(value, dict)
     if origin is Literal:
@@ -65,7 +67,7 @@ class RecipeParser(TrlParser):
     """`TrlParser` whose errors are one line naming the field, and which type-checks values coming from YAML."""
 
     def __init__(self, dataclass_types, prog: str = "rl-safety train", **kwargs):
-        super().__init__(dataclass_types, prog=prog, **kwargs)
+        super().__init__(dataclass_types, prog=prog, allow_abbrev=False, **kwargs)
         self._hints: dict[str, Any] = {}
         for dataclass_type in self.dataclass_types:
             hints = get_type_hints(dataclass_type)

@@ -51,7 +51,8 @@ def build_tiny_tokenizer(directory: str | Path) -> CLIPTokenizer:
 
 
 def build_tiny_pipeline(seed: int = 0, resolution: int = 32) -> StableDiffusionPipeline:
-    """Random tiny SD components: 2-level UNet (32/64 channels, cross-attention at both levels as SD has at its top), 2× VAE, 2-layer text encoder of width 32."""
+    """Random tiny SD components: a 2-level UNet (32/64 channels, cross-attention at both levels, as SD has at its
+    top resolution), a 2× VAE and a 2-layer text encoder of width 32."""
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tiny_tokenizer(tmp)

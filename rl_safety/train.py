@@ -1,7 +1,7 @@
 """Train a LoRA adapter with diffusion GRPO from a recipe.
 
-    rl-safety train --config recipes/tiny/grpo_jpeg.yaml [--field value ...]
-    accelerate launch [--config_file recipes/accelerate/multi_gpu.yaml] -m rl_safety.train --config recipes/...yaml
+rl-safety train --config recipes/tiny/grpo_jpeg.yaml [--field value ...]
+accelerate launch [--config_file recipes/accelerate/multi_gpu.yaml] -m rl_safety.train --config recipes/...yaml
 """
 
 from __future__ import annotations

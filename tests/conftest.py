@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -45,5 +46,7 @@ def recipe_args(model: Path, prompts: Path, output_dir: Path, **overrides) -> li
     fields.update(overrides)
     argv = []
     for key, value in fields.items():
+        if key == "rewards" and not isinstance(value, str):
+            value = [json.dumps(entry) for entry in value]
         argv += [f"--{key}", *(str(v) for v in (value if isinstance(value, list) else [value]))]
     return argv

@@ -44,8 +44,8 @@ def recipe(tmp_path, tiny_sd_path, prompt_file):
     [
         ({"learning_rat": 1e-4}, "unknown recipe key 'learning_rat'; did you mean 'learning_rate'"),
         ({"num_generations": 2.5}, "recipe key 'num_generations': expected int, got 2.5"),
-        ({"num_generations": "many"}, "argument --num_generations: invalid int value: 'many'"),
-        ({"scale_rewards": "median"}, "invalid choice: 'median'"),
+        ({"num_generations": "many"}, "--num_generations/--num-generations: invalid int value: 'many'"),
+        ({"scale_rewards": "median"}, "scale_rewards='median': must be one of group, batch, none"),
         ({"pretrained_model_name_or_path": "./no/such/model"}, "pretrained_model_name_or_path='./no/such/model'"),
         ({"rewards": [{"name": "jpeg_size"}]}, "unknown reward 'jpeg_size'; valid names: jpeg_compressibility"),
         ({"train_prompts": ["missing.txt"]}, "train_prompts: no prompt file 'missing.txt'"),

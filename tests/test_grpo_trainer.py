@@ -6,7 +6,7 @@ import yaml
 from safetensors.torch import load_file
 
 from rl_safety.train import main
-from tests.conftest import recipe_args
+from tests.conftest import REPO, recipe_args
 
 
 def read_metrics(output_dir):
@@ -28,8 +28,18 @@ def test_run_writes_outputs_and_trl_metrics(tiny_sd_path, prompt_file, tmp_path)
     logs = read_metrics(out)
     step_logs = [r for r in logs if "reward" in r]
     assert [r["step"] for r in step_logs] == [1, 2]
-    for key in ("reward", "reward_std", "rewards/jpeg_incompressibility/mean", "rewards/jpeg_incompressibility/std",
-                "frac_reward_zero_std", "kl", "clip_ratio", "images_per_second", "time/sampling", "time/update"):
+    for key in (
+        "reward",
+        "reward_std",
+        "rewards/jpeg_incompressibility/mean",
+        "rewards/jpeg_incompressibility/std",
+        "frac_reward_zero_std",
+        "kl",
+        "clip_ratio",
+        "images_per_second",
+        "time/sampling",
+        "time/update",
+    ):
         assert key in step_logs[0], key
     # The adapter starts as a no-op, so the first step's policy is the base model: KL exactly 0, ratio exactly 1.
     assert step_logs[0]["kl"] == 0.0
@@ -58,8 +68,7 @@ def test_resume_reproduces_uninterrupted_run(tiny_sd_path, prompt_file, tmp_path
 
     shutil.rmtree(resumed / "checkpoint-4")
     (resumed / "pytorch_lora_weights.safetensors").unlink()
-    main(recipe_args(tiny_sd_path, prompt_file, resumed, max_steps=4, save_steps=2,
-                     resume_from_checkpoint="last"))
+    main(recipe_args(tiny_sd_path, prompt_file, resumed, max_steps=4, save_steps=2, resume_from_checkpoint="last"))
     a = load_file(straight / "pytorch_lora_weights.safetensors")
     b = load_file(resumed / "pytorch_lora_weights.safetensors")
     for key in a:
@@ -69,18 +78,36 @@ def test_resume_reproduces_uninterrupted_run(tiny_sd_path, prompt_file, tmp_path
 
 
 @pytest.mark.slow
-def test_jpeg_incompressibility_increases(tiny_sd_path, tmp_path):
-    """20 GRPO iterations raise the JPEG size of the same seed's samples over the untrained policy."""
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a red circle\na blue square\na green triangle\na yellow star\n")
-    out = tmp_path / "jpeg"
-    main(recipe_args(tiny_sd_path, prompts, out, **JPEG_RECIPE))
-    rewards = [r["reward"] for r in read_metrics(out) if "reward" in r]
+def test_jpeg_incompressibility_increases(tiny_sd_path, prompt_file, tmp_path):
+    """20 GRPO iterations of the smoke recipe raise the JPEG size over the same seed's untrained policy.
+
+    Both runs draw identical noise (same seed), so iteration k of each differs only by the policy."""
+    recipe = yaml.safe_load((REPO / "recipes/tiny/grpo_jpeg.yaml").read_text())
+    fields = {k: recipe[k] for k in JPEG_FIELDS}
+    trained = tmp_path / "trained"
+    main(recipe_args(tiny_sd_path, prompt_file, trained, **fields))
     untrained = tmp_path / "untrained"
-    main(recipe_args(tiny_sd_path, prompts, untrained, **{**JPEG_RECIPE, "learning_rate": 1e-12}))
-    baseline = [r["reward"] for r in read_metrics(untrained) if "reward" in r]
-    assert rewards[0] == pytest.approx(baseline[0])  # same seed, same first rollout
-    assert sum(rewards[-5:]) / 5 > sum(baseline[-5:]) / 5
+    main(recipe_args(tiny_sd_path, prompt_file, untrained, **{**fields, "learning_rate": 1e-12}))
+    after = [r["reward"] for r in read_metrics(trained) if "reward" in r]
+    before = [r["reward"] for r in read_metrics(untrained) if "reward" in r]
+    assert len(after) == len(before) == 20
+    assert after[0] == pytest.approx(before[0])  # same seed, same first rollout
+    gains = [a - b for a, b in zip(after[10:], before[10:])]
+    assert sum(gains) / len(gains) > 0.001  # kB per image, averaged over the last 10 iterations
+    assert sum(g > 0 for g in gains) >= 8
 
 
-JPEG_RECIPE = dict(max_steps=20)
+JPEG_FIELDS = (
+    "rewards",
+    "num_generations",
+    "per_device_train_batch_size",
+    "max_steps",
+    "learning_rate",
+    "lora_rank",
+    "lora_target_modules",
+    "num_inference_steps",
+    "eta",
+    "guidance_scale",
+    "epsilon",
+    "adv_clip_max",
+)

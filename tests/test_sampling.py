@@ -48,7 +48,9 @@ def test_per_sample_timesteps_equal_separate_calls():
     timesteps = sched.timesteps[[0, 4, 9]]
     batched = ddim_step_with_logprob(sched, model_output, timesteps, sample, 1.0, noise=noise)
     for i, t in enumerate(timesteps):
-        single = ddim_step_with_logprob(sched, model_output[i : i + 1], t, sample[i : i + 1], 1.0, noise=noise[i : i + 1])
+        single = ddim_step_with_logprob(
+            sched, model_output[i : i + 1], t, sample[i : i + 1], 1.0, noise=noise[i : i + 1]
+        )
         torch.testing.assert_close(batched.prev_sample[i : i + 1], single.prev_sample)
         torch.testing.assert_close(batched.log_prob[i : i + 1], single.log_prob)
 
@@ -65,7 +67,8 @@ def test_gaussian_kl_closed_form():
     mean, ref_mean = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
     std = torch.full((2, 1, 1, 1), 0.3)
     expected = torch.distributions.kl_divergence(
-        torch.distributions.Normal(mean, std.expand_as(mean)), torch.distributions.Normal(ref_mean, std.expand_as(mean))
+        torch.distributions.Normal(mean, std.expand_as(mean)),
+        torch.distributions.Normal(ref_mean, std.expand_as(mean)),
     ).mean(dim=(1, 2, 3))
     torch.testing.assert_close(gaussian_kl(mean, ref_mean, std), expected)
 

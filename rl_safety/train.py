@@ -132,6 +132,17 @@ def runtime_info(trainer: DiffusionGRPOTrainer) -> dict:
     }
 
 
+def summary(log_history: list[dict], output_dir: Path, window: int = 5) -> str:
+    """Mean reward over the first and the last `window` logged steps, and where the adapter is."""
+    rewards = [entry["reward"] for entry in log_history if "reward" in entry]
+    lines = [f"adapter: {output_dir / 'pytorch_lora_weights.safetensors'}"]
+    if rewards:
+        n = min(window, len(rewards))
+        first, last = sum(rewards[:n]) / n, sum(rewards[-n:]) / n
+        lines.insert(0, f"reward: {first:.4f} (mean of the first {n} steps) -> {last:.4f} (last {n} steps)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     model_args, prompt_args, args = parse_args(argv)
     resume = resolve_resume(args)
@@ -150,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         final.update(result.metrics)
         recipe = {**vars(model_args), **vars(prompt_args), "rewards": args.rewards}
         write_model_card(output_dir, model_args.pretrained_model_name_or_path, recipe, args.rewards, final)
+        print(summary(trainer.state.log_history, output_dir))
     if args.push_to_hub:
         trainer.push_to_hub()
     trainer.accelerator.wait_for_everyone()

@@ -32,31 +32,42 @@ class RewardError(ValueError):
     """A reward could not be resolved, built, or returned an unusable value."""
 
 
-def _builtin_rewards() -> dict[str, Callable[..., Any]]:
-    from .jpeg import JpegCompressibility, JpegIncompressibility
+# Built-ins by import path: a reward's heavy dependencies load only when a recipe names it.
+BUILTIN_REWARDS = {
+    "classifier": "rl_safety.rewards.classifier:ClassifierReward",
+    "clip_steering": "rl_safety.rewards.clip_steering:ClipSteering",
+    "hpsv2": "rl_safety.rewards.preference:HPSv2",
+    "image_reward": "rl_safety.rewards.image_reward:ImageReward",
+    "jpeg_compressibility": "rl_safety.rewards.jpeg:JpegCompressibility",
+    "jpeg_incompressibility": "rl_safety.rewards.jpeg:JpegIncompressibility",
+    "laion_aesthetic": "rl_safety.rewards.preference:LaionAesthetic",
+    "nudity": "rl_safety.rewards.nudity:NudityPenalty",
+    "pickscore": "rl_safety.rewards.preference:PickScore",
+}
 
-    return {"jpeg_compressibility": JpegCompressibility, "jpeg_incompressibility": JpegIncompressibility}
+
+def _import(path: str) -> Callable[..., Any]:
+    module_name, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
 
 
 def available_rewards() -> list[str]:
     """Names usable in a recipe: built-ins, then plugins registered as `rl_safety.rewards` entry points."""
-    return sorted(_builtin_rewards()) + sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    return sorted(BUILTIN_REWARDS) + sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
 
 
 def resolve_reward(name: str) -> Callable[..., Any]:
     """The factory for `name`: a built-in, an entry point in group `rl_safety.rewards`, or `package.module:attr`."""
-    builtins = _builtin_rewards()
-    if name in builtins:
-        return builtins[name]
+    if name in BUILTIN_REWARDS:
+        return _import(BUILTIN_REWARDS[name])
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == name:
             return ep.load()
     if ":" in name:
-        module_name, _, attr = name.partition(":")
         try:
-            return getattr(importlib.import_module(module_name), attr)
+            return _import(name)
         except (ImportError, AttributeError) as err:
-            raise RewardError(f"reward {name!r}: cannot import {attr!r} from module {module_name!r} ({err})") from err
+            raise RewardError(f"reward {name!r}: cannot import it ({err})") from err
     raise RewardError(
         f"unknown reward {name!r}; valid names: {', '.join(available_rewards())}, or a 'package.module:attr' path"
     )
@@ -72,6 +83,12 @@ def build_reward(name: str, args: Mapping[str, Any] | None = None) -> Callable[.
             return factory(**args)
         except TypeError as err:
             raise RewardError(f"reward {name!r}: bad args {sorted(args)} ({err})") from err
+        except RewardError:
+            raise
+        except (ValueError, OSError, ImportError) as err:
+            # A missing checkpoint, a bad argument value or a missing optional extra: one line, no traceback.
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RewardError(f"reward {name!r}: {message}") from err
     return factory
 
 

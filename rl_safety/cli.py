@@ -9,6 +9,7 @@ USAGE = """usage: rl-safety <command> [args]
 
 commands:
   train          train a LoRA adapter with diffusion GRPO from a recipe (--config recipes/....yaml)
+  score          score image files with a reward (--reward NAME --prompt TEXT IMAGE...)
   tiny-pipeline  write a tiny random Stable Diffusion pipeline (offline tests, smoke runs, benchmarks)
 
 `rl-safety <command> --help` describes each command."""
@@ -44,9 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         from .train import cli
 
         return cli(rest)
+    if command == "score":
+        from .score import main as score
+
+        return score(rest)
     if command == "tiny-pipeline":
         return tiny_pipeline(rest)
-    print(f"rl-safety: error: unknown command {command!r}; valid commands: train, tiny-pipeline", file=sys.stderr)
+    print(f"rl-safety: error: unknown command {command!r}; valid commands: train, score, tiny-pipeline", file=sys.stderr)
     return 2
 
 

@@ -7,11 +7,15 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from rl_safety.tiny_pipeline import save_tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per xdist worker: with as many workers as cores, more threads only oversubscribe the CPU.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,7 @@ def recipe(tmp_path, tiny_sd_path, prompt_file):
         ({"num_generations": "many"}, "--num_generations/--num-generations: invalid int value: 'many'"),
         ({"scale_rewards": "median"}, "scale_rewards='median': must be one of group, batch, none"),
         ({"pretrained_model_name_or_path": "./no/such/model"}, "pretrained_model_name_or_path='./no/such/model'"),
-        ({"rewards": [{"name": "jpeg_size"}]}, "unknown reward 'jpeg_size'; valid names: jpeg_compressibility"),
+        ({"rewards": [{"name": "jpeg_size"}]}, "unknown reward 'jpeg_size'; valid names: classifier, clip_steering"),
         ({"train_prompts": ["missing.txt"]}, "train_prompts: no prompt file 'missing.txt'"),
         ({"num_generations": 3}, "num_generations=3: must divide the global rollout"),
         ({"eta": 0.0}, "eta=0.0: must be > 0"),

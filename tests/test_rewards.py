@@ -13,6 +13,7 @@ from rl_safety.rewards import (
     jpeg_kilobytes,
     resolve_reward,
 )
+from rl_safety.train import parse_args
 
 
 def smooth_and_noisy():
@@ -96,6 +97,9 @@ def test_entry_point_plugin(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("myplugin", None)
     assert "brightness" in available_rewards()
-    stack = RewardStack.from_config([{"name": "brightness", "args": {"offset": 1.0}}])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("rewards:\n  - name: brightness\n    weight: 2.0\n    args: {offset: 1.0}\n")
+    *_, config = parse_args(["--config", str(recipe), "--output_dir", str(tmp_path / "out")])
+    stack = RewardStack.from_config(config.rewards, config.reward_weights)
     images = smooth_and_noisy()
-    torch.testing.assert_close(stack(images, ["a", "b"]).total, images.mean(dim=(1, 2, 3)) + 1.0)
+    torch.testing.assert_close(stack(images, ["a", "b"]).total, 2.0 * (images.mean(dim=(1, 2, 3)) + 1.0))

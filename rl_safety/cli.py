@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         return score(rest)
     if command == "tiny-pipeline":
         return tiny_pipeline(rest)
-    print(f"rl-safety: error: unknown command {command!r}; valid commands: train, score, tiny-pipeline", file=sys.stderr)
+    valid = "train, score, tiny-pipeline"
+    print(f"rl-safety: error: unknown command {command!r}; valid commands: {valid}", file=sys.stderr)
     return 2
 
 

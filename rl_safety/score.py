@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rl-safety score", description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", help="image files or folders of images")
     parser.add_argument("--reward", required=True, help="reward name (built-in, plugin, or package.module:attr)")
-    parser.add_argument("--reward-args", default="{}", help='JSON object of constructor args, e.g. \'{"quality": 90}\'')
+    parser.add_argument("--reward-args", default="{}", help="JSON object of the reward's constructor args")
     parser.add_argument("--prompt", default="", help="the prompt the images were generated from")
     parser.add_argument("--batch-size", type=int, default=64, help="images per reward call")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")

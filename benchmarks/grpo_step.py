@@ -1,7 +1,7 @@
 """Time one GRPO iteration (sampling, reward, update) against the bare UNet calls it is made of, in the same run.
 
-    python benchmarks/grpo_step.py                      # tiny pipeline, CPU
-    python benchmarks/grpo_step.py --model sd15-random  # full-size SD1.5 architecture, random weights (use a GPU)
+    python benchmarks/grpo_step.py                      # tiny pipeline (and SD1.5-size on a GPU, when present)
+    python benchmarks/grpo_step.py --model sd15-random  # full-size SD1.5 architecture, random weights
     python benchmarks/grpo_step.py --json results.json
 
 `overhead_ratio` = median iteration time / median time of the same UNet calls alone (the rollout's no-grad forwards
@@ -65,45 +65,43 @@ def sd15_random_pipeline() -> StableDiffusionPipeline:
     )
 
 
-class StepTimer(TrainerCallback):
-    def __init__(self):
-        self.times, self._start = [], None
+class InterleavedTimer(TrainerCallback):
+    """Times each optimizer step and, right after it, the same UNet calls alone: A/B pairs measured back to back,
+    so a machine whose speed drifts affects both sides of each ratio alike."""
+
+    def __init__(self, batch: int):
+        self.batch, self.trainer = batch, None
+        self.steps, self.bare, self._start = [], [], None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self._start = time.perf_counter()
+        self._start = _now(self.trainer.accelerator.device)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter() - self._start)
+        self.steps.append(_now(self.trainer.accelerator.device) - self._start)
+        self.bare.append(bare_unet_time(self.trainer, self.batch))
 
 
-def bare_unet_time(trainer: DiffusionGRPOTrainer, batch: int, repeats: int) -> tuple[float, float]:
-    """Median seconds of the iteration's UNet calls alone, as (sampling, update): num_inference_steps no-grad
-    forwards and num_train_timesteps forward+backward passes, CFG-doubled batch, random inputs."""
+def bare_unet_time(trainer: DiffusionGRPOTrainer, batch: int) -> tuple[float, float]:
+    """Seconds of one iteration's UNet calls alone, as (sampling, update): num_inference_steps no-grad forwards and
+    num_train_timesteps forward+backward passes, CFG-doubled batch, random inputs."""
     unet, args = trainer.model, trainer.args
     device = trainer.accelerator.device
     cfg = 2 if args.guidance_scale != 1.0 else 1
     x = torch.randn(batch * cfg, *trainer.latent_shape, device=device)
     t = torch.full((batch * cfg,), 500, device=device)
     emb = trainer.prompt_encoder(["a photo"] * batch * cfg)
-    sampling, update = [], []
-    for _ in range(repeats):
-        start = _now(device)
-        with torch.no_grad(), trainer.compute_loss_context_manager():
-            for _ in range(args.num_inference_steps):
-                unet(x, t, encoder_hidden_states=emb)
-        middle = _now(device)
-        for _ in range(trainer.num_train_timesteps):
-            with trainer.compute_loss_context_manager():
-                out = unet(x, t, encoder_hidden_states=emb).sample.float().mean()
-            out.backward()
-        sampling.append(middle - start)
-        update.append(_now(device) - middle)
-        unet.zero_grad(set_to_none=True)
-    return statistics.median(sampling), statistics.median(update)
+    start = _now(device)
+    with torch.no_grad(), trainer.compute_loss_context_manager():
+        for _ in range(args.num_inference_steps):
+            unet(x, t, encoder_hidden_states=emb)
+    middle = _now(device)
+    for _ in range(trainer.num_train_timesteps):
+        with trainer.compute_loss_context_manager():
+            out = unet(x, t, encoder_hidden_states=emb).sample.float().mean()
+        out.backward()
+    end = _now(device)
+    unet.zero_grad(set_to_none=True)  # the next training step must start from clean gradients
+    return middle - start, end - middle
 
 
 def _now(device: torch.device) -> float:
@@ -112,23 +110,14 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["tiny", "sd15-random"], default="tiny")
-    parser.add_argument("--batch", type=int, default=8, help="images per iteration (per device)")
-    parser.add_argument("--num_generations", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=10, help="num_inference_steps")
-    parser.add_argument("--iterations", type=int, default=6, help="timed iterations (after one warm-up)")
-    parser.add_argument("--json", type=Path, help="write the results here")
-    args = parser.parse_args(argv)
-
+def run(model: str, args: argparse.Namespace) -> dict:
+    """Train `args.iterations + 1` GRPO steps on `model`, timing each against its bare UNet calls."""
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         pipe_dir = Path(tmp) / "model"
-        (build_tiny_pipeline() if args.model == "tiny" else sd15_random_pipeline()).save_pretrained(pipe_dir)
-        pipeline = load_pipeline(
-            ModelArguments(str(pipe_dir), torch_dtype="auto" if args.model == "tiny" else "bfloat16")
-        )
+        (build_tiny_pipeline() if model == "tiny" else sd15_random_pipeline()).save_pretrained(pipe_dir)
+        dtype = "auto" if model == "tiny" else "bfloat16"
+        pipeline = load_pipeline(ModelArguments(str(pipe_dir), torch_dtype=dtype))
         config = DiffusionGRPOConfig(
             output_dir=str(Path(tmp) / "out"),
             per_device_train_batch_size=args.batch,
@@ -138,47 +127,79 @@ def main(argv: list[str] | None = None) -> dict:
             logging_steps=1,
             save_strategy="no",
             report_to="none",
-            bf16=args.model != "tiny",
+            bf16=model != "tiny",
             disable_tqdm=True,
             rewards=[{"name": "jpeg_incompressibility"}],
         )
         prompts = Dataset.from_dict({"prompt": [f"prompt {i}" for i in range(16)], "tag": ["safe"] * 16})
-        timer = StepTimer()
+        timer = InterleavedTimer(args.batch)
         trainer = DiffusionGRPOTrainer(
             pipeline, config, prompts, RewardStack.from_config(config.rewards), callbacks=[timer]
         )
+        timer.trainer = trainer
         trainer.train()
         logs = [entry for entry in trainer.state.log_history if "time/sampling" in entry][1:]
-        bare_sampling, bare_update = bare_unet_time(trainer, args.batch, repeats=max(3, args.iterations // 2))
 
-    iteration = statistics.median(timer.times[1:])
+    steps, bare = timer.steps[1:], timer.bare[1:]  # the first step is the warm-up
     result = {
-        "model": args.model,
+        "model": model,
         "device": str(trainer.accelerator.device),
         "images_per_iteration": args.batch,
         "num_inference_steps": args.steps,
         "num_train_timesteps": trainer.num_train_timesteps,
-        "iteration_s": iteration,
+        "iteration_s": statistics.median(steps),
         "sampling_s": statistics.median(entry["time/sampling"] for entry in logs),
         "reward_s": statistics.median(entry["time/reward"] for entry in logs),
         "update_s": statistics.median(entry["time/update"] for entry in logs),
-        "bare_sampling_s": bare_sampling,
-        "bare_update_s": bare_update,
-        "bare_unet_s": bare_sampling + bare_update,
+        "bare_sampling_s": statistics.median(s for s, _ in bare),
+        "bare_update_s": statistics.median(u for _, u in bare),
+        "bare_unet_s": statistics.median(s + u for s, u in bare),
+        # Median of the per-step ratios: each pair was measured back to back.
+        "overhead_ratio": statistics.median(step / (s + u) for step, (s, u) in zip(steps, bare)),
     }
-    result["other_s"] = iteration - result["sampling_s"] - result["reward_s"] - result["update_s"]
-    result["overhead_ratio"] = iteration / result["bare_unet_s"]
+    result["other_s"] = result["iteration_s"] - result["sampling_s"] - result["reward_s"] - result["update_s"]
+    return result
 
-    print(f"GRPO iteration on {result['model']} ({result['device']}), {args.batch} images, {args.steps} steps")
+
+def report(result: dict) -> None:
+    iteration = result["iteration_s"]
+    print(
+        f"GRPO iteration on {result['model']} ({result['device']}), {result['images_per_iteration']} images, "
+        f"{result['num_inference_steps']} steps"
+    )
     print(f"{'part':<14}{'seconds':>10}{'share':>8}")
     for part in ("sampling", "reward", "update", "other"):
         print(f"{part:<14}{result[part + '_s']:>10.4f}{result[part + '_s'] / iteration:>8.1%}")
     print(f"{'iteration':<14}{iteration:>10.4f}")
-    print(f"{'bare UNet':<14}{result['bare_unet_s']:>10.4f}  (sampling {bare_sampling:.4f}, update {bare_update:.4f})")
+    print(
+        f"{'bare UNet':<14}{result['bare_unet_s']:>10.4f}  "
+        f"(sampling {result['bare_sampling_s']:.4f}, update {result['bare_update_s']:.4f})"
+    )
     print(f"overhead_ratio {result['overhead_ratio']:.3f}")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model",
+        choices=["tiny", "sd15-random", "all"],
+        default="all" if torch.cuda.is_available() else "tiny",
+        help="tiny pipeline, full-size SD1.5 architecture with random weights, or both (default with a GPU)",
+    )
+    parser.add_argument("--batch", type=int, default=8, help="images per iteration (per device)")
+    parser.add_argument("--num_generations", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10, help="num_inference_steps")
+    parser.add_argument("--iterations", type=int, default=6, help="timed iterations (after one warm-up)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    models = ["tiny", "sd15-random"] if args.model == "all" else [args.model]
+    results = []
+    for model in models:
+        results.append(run(model, args))
+        report(results[-1])
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    return result
+        args.json.write_text(json.dumps(results if len(results) > 1 else results[0], indent=2))
+    return results
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from PIL import Image
 from rl_safety.cli import main
 from rl_safety.rewards import jpeg_kilobytes
 from rl_safety.score import load_tensor
+from tests.conftest import REPO
 
 
 @pytest.fixture
@@ -23,8 +24,19 @@ def image_dir(tmp_path):
 
 def test_scores_files_and_folders_in_order(capsys, image_dir):
     paths = sorted(image_dir.iterdir())
-    code = main(["score", "--reward", "jpeg_incompressibility", "--reward-args", '{"quality": 90}', "--prompt", "x",
-                 str(paths[-1]), str(image_dir)])
+    code = main(
+        [
+            "score",
+            "--reward",
+            "jpeg_incompressibility",
+            "--reward-args",
+            '{"quality": 90}',
+            "--prompt",
+            "x",
+            str(paths[-1]),
+            str(image_dir),
+        ]
+    )
     assert code == 0
     scores = json.loads(capsys.readouterr().out)
     expected = [jpeg_kilobytes(load_tensor(p)[None], 90).item() for p in [paths[-1], *paths]]
@@ -70,3 +82,15 @@ def test_bad_input_is_one_line(capsys, image_dir, argv, expected):
 def test_missing_image(capsys, tmp_path):
     assert main(["score", "--reward", "jpeg_compressibility", str(tmp_path / "nope.png")]) == 2
     assert "nope.png: no such image file or folder" in capsys.readouterr().err
+
+
+def test_image_reward_from_the_shell_matches_the_original(capsys):
+    """`rl-safety score` uses ImageReward's exact file preprocessing: the original package's scores come back."""
+    fixture = REPO / "tests" / "fixtures" / "imagereward_tiny"
+    expected = json.loads((fixture / "expected.json").read_text())
+    case = expected["scores"][1]
+    args = {"checkpoint": str(fixture), "tokenizer": str(fixture), "vision_num_heads": expected["vision"]["num_heads"]}
+    argv = ["score", "--reward", "image_reward", "--reward-args", json.dumps(args), "--prompt", case["prompt"]]
+    assert main(argv + [str(fixture / name) for name in case["images"]]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores == pytest.approx(case["score"], rel=1e-4)

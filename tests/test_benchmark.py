@@ -9,8 +9,22 @@ def test_grpo_step_benchmark_reports_split_and_ratio(tmp_path, capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
-    bench.main(["--model", "tiny", "--iterations", "2", "--batch", "4", "--num_generations", "2", "--steps", "3",
-                "--json", str(out)])
+    bench.main(
+        [
+            "--model",
+            "tiny",
+            "--iterations",
+            "2",
+            "--batch",
+            "4",
+            "--num_generations",
+            "2",
+            "--steps",
+            "3",
+            "--json",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     parts = result["sampling_s"] + result["reward_s"] + result["update_s"] + result["other_s"]
     assert abs(parts - result["iteration_s"]) < 1e-9

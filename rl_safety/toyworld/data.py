@@ -82,8 +82,11 @@ def render(
     coords = (torch.arange(big, dtype=torch.float32) + 0.5) / big
     grid_y, grid_x = torch.meshgrid(coords, coords, indexing="ij")
     small = size_ids == 0
-    radius = torch.where(small, 0.14 + 0.06 * torch.rand(batch, generator=generator),
-                         0.26 + 0.1 * torch.rand(batch, generator=generator))
+    radius = torch.where(
+        small,
+        0.14 + 0.06 * torch.rand(batch, generator=generator),
+        0.26 + 0.1 * torch.rand(batch, generator=generator),
+    )
     margin = radius + 0.02
     cx = margin + (1 - 2 * margin) * torch.rand(batch, generator=generator)
     cy = margin + (1 - 2 * margin) * torch.rand(batch, generator=generator)
@@ -107,8 +110,13 @@ def caption(colour: str, shape: str, size: str, background: str, template: str, 
     return template.format(colour=colour_word or colour, shape=shape, size=size, background=background)
 
 
-def make_dataset(num_images: int, seed: int = 0, spec: ToyWorldSpec = ToyWorldSpec(), synonym_rate: float = 0.3,
-                 exclude_colours: tuple[str, ...] = ()) -> dict:
+def make_dataset(
+    num_images: int,
+    seed: int = 0,
+    spec: ToyWorldSpec = ToyWorldSpec(),
+    synonym_rate: float = 0.3,
+    exclude_colours: tuple[str, ...] = (),
+) -> dict:
     """Images, captions and labels. A caption names the colour by a training synonym with prob. `synonym_rate`."""
     generator = torch.Generator().manual_seed(seed)
     allowed = [i for i, c in enumerate(COLOURS) if c not in exclude_colours]
@@ -129,8 +137,9 @@ def make_dataset(num_images: int, seed: int = 0, spec: ToyWorldSpec = ToyWorldSp
     for i in range(num_images):
         colour = colour_names[colour_ids[i]]
         word = SYNONYMS[colour][synonym_pick[i]] if use_synonym[i] else colour
-        captions.append(caption(colour, SHAPES[shape_ids[i]], SIZES[size_ids[i]], backgrounds[i],
-                                TEMPLATES[template_ids[i]], word))
+        captions.append(
+            caption(colour, SHAPES[shape_ids[i]], SIZES[size_ids[i]], backgrounds[i], TEMPLATES[template_ids[i]], word)
+        )
     return {
         "images": images,
         "captions": captions,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, TrainerCallback
+from transformers import CLIPTextModel, TrainerCallback
 
 from rl_safety.grpo_config import DiffusionGRPOConfig
 from rl_safety.grpo_trainer import DiffusionGRPOTrainer
@@ -28,22 +28,19 @@ from rl_safety.model_config import ModelArguments
 from rl_safety.pipelines import load_pipeline
 from rl_safety.prompts import Dataset
 from rl_safety.rewards import RewardStack
-from rl_safety.tiny_pipeline import SD_SCHEDULER_CONFIG, build_tiny_pipeline, build_tiny_tokenizer
+from rl_safety.tiny_pipeline import (
+    SD_SCHEDULER_CONFIG,
+    build_tiny_pipeline,
+    build_tiny_tokenizer,
+    text_encoder_config,
+)
 
 
 def sd15_random_pipeline() -> StableDiffusionPipeline:
     """SD1.5's UNet/VAE/text-encoder architecture with random weights (no download), tiny char-level tokenizer."""
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tiny_tokenizer(tmp)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-        )
-    )
+    text_encoder = CLIPTextModel(text_encoder_config(tokenizer, width=768, layers=12, heads=12))
     vae = AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,

@@ -50,25 +50,28 @@ def build_tiny_tokenizer(directory: str | Path) -> CLIPTokenizer:
     )
 
 
+def text_encoder_config(tokenizer: CLIPTokenizer, width: int, layers: int, heads: int) -> CLIPTextConfig:
+    """A CLIP text-encoder config sized by the caller, with the tokenizer's vocabulary and special-token ids."""
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=4 * width if width >= 256 else 2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def build_tiny_pipeline(seed: int = 0, resolution: int = 32) -> StableDiffusionPipeline:
     """Random tiny SD components: a 2-level UNet (32/64 channels, cross-attention at both levels, as SD has at its
     top resolution), a 2× VAE and a 2-layer text encoder of width 32."""
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tiny_tokenizer(tmp)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(text_encoder_config(tokenizer, width=32, layers=2, heads=4))
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,

@@ -10,6 +10,7 @@ USAGE = """usage: rl-safety <command> [args]
 commands:
   train          train a LoRA adapter with diffusion GRPO from a recipe (--config recipes/....yaml)
   score          score image files with a reward (--reward NAME --prompt TEXT IMAGE...)
+  toyworld       build the toy world's models (classifier, pretrain)
   tiny-pipeline  write a tiny random Stable Diffusion pipeline (offline tests, smoke runs, benchmarks)
 
 `rl-safety <command> --help` describes each command."""
@@ -49,9 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         from .score import main as score
 
         return score(rest)
+    if command == "toyworld":
+        from .toyworld.cli import main as toyworld
+
+        return toyworld(rest)
     if command == "tiny-pipeline":
         return tiny_pipeline(rest)
-    valid = "train, score, tiny-pipeline"
+    valid = "train, score, toyworld, tiny-pipeline"
     print(f"rl-safety: error: unknown command {command!r}; valid commands: {valid}", file=sys.stderr)
     return 2
 

@@ -35,14 +35,14 @@ def classifier(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
-    commands = {"classifier": classifier}
-    try:
-        from .pretrain import main as pretrain
+def pretrain(argv: list[str]) -> int:
+    from .pretrain import main as pretrain_main
 
-        commands["pretrain"] = pretrain
-    except ImportError:
-        pass
+    return pretrain_main(argv)
+
+
+def main(argv: list[str]) -> int:
+    commands = {"classifier": classifier, "pretrain": pretrain}
     if not argv or argv[0] not in commands:
         print(f"usage: rl-safety toyworld {{{','.join(sorted(commands))}}} [args]", file=sys.stderr)
         return 2

@@ -41,8 +41,24 @@ def pretrain(argv: list[str]) -> int:
     return pretrain_main(argv)
 
 
+def quality(argv: list[str]) -> int:
+    import json
+
+    from .quality import load_toy_pipeline, prompt_accuracy
+
+    parser = argparse.ArgumentParser(prog="rl-safety toyworld quality", description="Prompt accuracy of a pipeline.")
+    parser.add_argument("--pipeline", type=Path, default=ASSETS / "pipeline")
+    parser.add_argument("--seeds", type=int, default=10, help="each seed samples all 24 colour-shape prompts")
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    parser.add_argument("--guidance_scale", type=float, default=4.0)
+    args = parser.parse_args(argv)
+    result = prompt_accuracy(load_toy_pipeline(args.pipeline), args.seeds, args.steps, args.guidance_scale)
+    print(json.dumps(result))
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    commands = {"classifier": classifier, "pretrain": pretrain}
+    commands = {"classifier": classifier, "pretrain": pretrain, "quality": quality}
     if not argv or argv[0] not in commands:
         print(f"usage: rl-safety toyworld {{{','.join(sorted(commands))}}} [args]", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rl_safety.rewards import build_reward
+from rl_safety.toyworld import ASSETS
 from rl_safety.toyworld.classifier import (
     colour_from_pixels,
     evaluate,
@@ -11,7 +12,6 @@ from rl_safety.toyworld.classifier import (
     save_classifier,
     train_classifier,
 )
-from rl_safety.toyworld.cli import ASSETS
 from rl_safety.toyworld.data import COLOURS, make_dataset
 
 

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-ASSETS = Path(__file__).parent / "assets"
+from . import ASSETS
+
 # The reward classifier and the evaluation judge are the same architecture trained on different seeds and images.
 ROLES = {"reward": 0, "judge": 1}
 

@@ -7,10 +7,9 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+from . import ASSETS
 from .classifier import colour_from_pixels, load_classifier
 from .data import COLOURS, SHAPES
-
-ASSETS = Path(__file__).parent / "assets"
 
 
 def load_toy_pipeline(path: str | Path = ASSETS / "pipeline") -> StableDiffusionPipeline:

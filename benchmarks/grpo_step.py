@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, TrainerCallback
 
 from rl_safety.grpo_config import DiffusionGRPOConfig
@@ -29,7 +29,7 @@ from rl_safety.pipelines import load_pipeline
 from rl_safety.prompts import Dataset
 from rl_safety.rewards import RewardStack
 from rl_safety.tiny_pipeline import (
-    SD_SCHEDULER_CONFIG,
+    assemble_pipeline,
     build_tiny_pipeline,
     build_tiny_tokenizer,
     text_encoder_config,
@@ -50,16 +50,7 @@ def sd15_random_pipeline() -> StableDiffusionPipeline:
         sample_size=512,
     )
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # SD1.5 defaults
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return assemble_pipeline(tokenizer, text_encoder, vae, unet)
 
 
 class InterleavedTimer(TrainerCallback):

@@ -50,6 +50,20 @@ def build_tiny_tokenizer(directory: str | Path) -> CLIPTokenizer:
     )
 
 
+def assemble_pipeline(tokenizer, text_encoder, vae, unet) -> StableDiffusionPipeline:
+    """An SD pipeline from its networks, with SD 1.x's DDIM scheduler and no safety checker."""
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def text_encoder_config(tokenizer: CLIPTokenizer, width: int, layers: int, heads: int) -> CLIPTextConfig:
     """A CLIP text-encoder config sized by the caller, with the tokenizer's vocabulary and special-token ids."""
     return CLIPTextConfig(
@@ -95,16 +109,7 @@ def build_tiny_pipeline(seed: int = 0, resolution: int = 32) -> StableDiffusionP
         attention_head_dim=8,
         norm_num_groups=8,
     )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return assemble_pipeline(tokenizer, text_encoder, vae, unet)
 
 
 def save_tiny_pipeline(output_dir: str | Path, seed: int = 0, resolution: int = 32) -> Path:

@@ -43,6 +43,8 @@ BUILTIN_REWARDS = {
     "laion_aesthetic": "rl_safety.rewards.preference:LaionAesthetic",
     "nudity": "rl_safety.rewards.nudity:NudityPenalty",
     "pickscore": "rl_safety.rewards.preference:PickScore",
+    "toyworld_concept": "rl_safety.rewards.toyworld:ToyConceptPenalty",
+    "toyworld_fidelity": "rl_safety.rewards.toyworld:ToyPromptFidelity",
 }
 
 

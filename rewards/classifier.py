@@ -19,7 +19,9 @@ import torch.nn.functional as F
 
 from .base import Reward, RewardError
 
-OUTPUTS = ("log_prob", "prob")
+# log(1 - p) is the useful penalty on a concept the base model shows with p ~ 1: p saturates, log(1 - p) still ranks
+# "very red" below "red" (computed as a logsumexp over the other classes, so it does not round to log 0).
+OUTPUTS = ("log_prob", "prob", "log_one_minus_prob")
 
 
 def _one_line(err: BaseException) -> str:
@@ -247,13 +249,18 @@ class ClassifierReward(Reward):
         return logits
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str], **context: Any) -> torch.Tensor:
-        """(B,) log p(target_class) or p(target_class), negated when `negate`; differentiable in `images`."""
+        """(B,) log p, p or log(1 - p) of target_class, negated when `negate`; differentiable in `images`."""
         x = images
         if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
             # Antialiased like PIL / torchvision's resize, so a 512 px image is not aliased down to 224 px.
             x = F.interpolate(x, size=self.input_size, mode="bilinear", antialias=True, align_corners=False)
         if self.normalise:
             x = (x - self.mean) / self.std
-        log_probs = F.log_softmax(self._logits(x.to(self._dtype())), dim=1)[:, self.target_index]
-        score = log_probs if self.output == "log_prob" else log_probs.exp()
+        log_probs = F.log_softmax(self._logits(x.to(self._dtype())), dim=1)
+        if self.output == "log_one_minus_prob":
+            score = log_probs.index_fill(1, torch.tensor([self.target_index], device=x.device), float("-inf"))
+            score = score.logsumexp(dim=1)
+        else:
+            score = log_probs[:, self.target_index]
+            score = score if self.output == "log_prob" else score.exp()
         return (-score if self.negate else score).to(images.device)

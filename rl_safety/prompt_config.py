@@ -20,4 +20,11 @@ class PromptArguments:
         default="tag", metadata={"help": "Column holding each prompt's tag (e.g. 'unsafe', 'safe'), if present."}
     )
     default_tag: str = field(default="default", metadata={"help": "Tag of prompts whose source gives none."})
+    target_concept: str | None = field(
+        default=None,
+        metadata={
+            "help": "The concept to erase, e.g. 'nudity', or a toy-world colour or shape such as 'red'. Every "
+            "'{target_concept}' in train_prompts and in reward args is replaced by it: one recipe serves any concept."
+        },
+    )
     dataset_train_split: str = field(default="train", metadata={"help": "Split to read from Hub datasets."})

@@ -87,7 +87,7 @@ class RecipeParser(TrlParser):
         key = keys[0].lstrip("-").split("=")[0]
         close = difflib.get_close_matches(key, self.field_names, n=3)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        return ConfigError(f"unknown {where} {key!r}{hint} (see `rl-safety train --help` for all fields)")
+        return ConfigError(f"unknown {where} {key!r}{hint} (see `{self.prog} --help` for all fields)")
 
     def set_defaults_with_config(self, **kwargs) -> list[str]:
         for key, value in kwargs.items():

@@ -22,7 +22,8 @@ COLOURS: dict[str, tuple[float, float, float]] = {
     "cyan": (0.10, 0.80, 0.85),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
-# Synonyms used in training captions, and held-out synonyms never seen in training (the implicit-prompt test).
+# Synonyms the pretraining captions use, so the base model draws "crimson" as red. Erasure recipes train on the
+# plain colour word only, so these are the implicit-prompt test: words the erasure never saw but the model knows.
 SYNONYMS: dict[str, tuple[str, ...]] = {
     "red": ("crimson", "scarlet"),
     "green": ("emerald", "lime"),
@@ -31,6 +32,7 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
     "purple": ("violet", "lilac"),
     "cyan": ("turquoise", "aqua"),
 }
+# Words in the tokenizer that no training ever sees: a control showing that an unlearned word carries no colour.
 HELD_OUT_SYNONYMS: dict[str, tuple[str, ...]] = {
     "red": ("ruby", "cherry"),
     "green": ("jade", "olive"),
@@ -48,6 +50,31 @@ TEMPLATES = (
     "{colour} {shape}",
 )
 BACKGROUNDS = {"dark": (0.08, 0.25), "grey": (0.35, 0.6), "light": (0.75, 0.95)}
+
+
+CONCEPTS = (*COLOURS, *SHAPES)  # what a recipe's `target_concept` may name
+_COLOUR_WORDS = {w: c for c in COLOURS for w in (c, *SYNONYMS[c], *HELD_OUT_SYNONYMS[c])}
+
+
+def concept_head(concept: str) -> str:
+    """The classifier head ("colour" or "shape") that detects `concept`."""
+    if concept in COLOURS:
+        return "colour"
+    if concept in SHAPES:
+        return "shape"
+    raise ValueError(f"target_concept={concept!r}: the toy world's concepts are {', '.join(CONCEPTS)}")
+
+
+def named_attributes(prompt: str) -> dict[str, str]:
+    """The colour and shape a toy-world prompt asks for, e.g. {"colour": "red", "shape": "circle"}; synonyms map to
+    their colour, and an attribute the prompt does not name is absent."""
+    named = {}
+    for word in prompt.lower().replace(",", " ").split():
+        if word in _COLOUR_WORDS:
+            named.setdefault("colour", _COLOUR_WORDS[word])
+        elif word in SHAPES:
+            named.setdefault("shape", word)
+    return named
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,11 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 HF_HUB_PREFIX = "hf-hub:"
-OPEN_CLIP_SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip model names that carry config and weights
+LOCAL_DIR_PREFIX = "local-dir:"
+OPEN_CLIP_SCHEMAS = (HF_HUB_PREFIX, LOCAL_DIR_PREFIX)  # open_clip model names that carry config and weights
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # what makes a folder an open_clip `local-dir:` model
+# CLIPs shipped with the package, by short name: folders under rl_safety/toyworld/assets in open_clip's format.
+SHIPPED_OPEN_CLIP = {"toyworld": "clip"}
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # PIL / transformers resample codes -> torchvision modes (PIL.Image.Resampling.BILINEAR = 2, BICUBIC = 3).
 _RESAMPLE = {2: "bilinear", 3: "bicubic", "bilinear": "bilinear", "bicubic": "bicubic"}
@@ -55,21 +59,42 @@ def torch_dtype(precision: str) -> torch.dtype:
     return PRECISIONS[precision]
 
 
+def open_clip_name(model: str) -> str:
+    """open_clip's name for `model`: a shipped CLIP's short name (`SHIPPED_OPEN_CLIP`) or a folder holding
+    `open_clip_config.json` becomes `local-dir:<folder>`; anything else is returned unchanged."""
+    import open_clip
+
+    if model in SHIPPED_OPEN_CLIP:
+        from rl_safety.toyworld import ASSETS  # the package's assets folder; a light import
+
+        return f"{LOCAL_DIR_PREFIX}{ASSETS / SHIPPED_OPEN_CLIP[model]}"
+    if model.startswith(OPEN_CLIP_SCHEMAS) or model in open_clip.list_models():
+        return model
+    if (Path(model).expanduser() / OPEN_CLIP_CONFIG).is_file():
+        return f"{LOCAL_DIR_PREFIX}{Path(model).expanduser()}"
+    return model
+
+
 def load_open_clip(
     model: str, pretrained: str | None = None, checkpoint: str | None = None, precision: str = "fp32"
 ) -> tuple[torch.nn.Module, Any]:
-    """An open_clip model and its tokenizer. `model`: an architecture name, or open_clip's `hf-hub:<org>/<repo>` /
-    `local-dir:<path>`; `pretrained`: an open_clip tag or a weights file (local or `hf-hub:<org>/<repo>/<file>`);
+    """An open_clip model and its tokenizer. `model`: an architecture name, open_clip's `hf-hub:<org>/<repo>` /
+    `local-dir:<path>`, a folder in that format (`open_clip_config.json` + weights), or a shipped CLIP's name
+    (`toyworld`); `pretrained`: an open_clip tag or a weights file (local or `hf-hub:<org>/<repo>/<file>`);
     `checkpoint`: a state dict loaded over it (e.g. HPSv2's fine-tuned ViT-H-14)."""
     import open_clip
     from open_clip.pretrained import is_pretrained_cfg
 
     torch_dtype(precision)  # validate before a multi-GB download
+    given, model = model, open_clip_name(model)
     if model.startswith(OPEN_CLIP_SCHEMAS):
         if pretrained:
-            raise ValueError(f"model={model!r} brings its own weights; set pretrained to null (use `checkpoint`)")
+            raise ValueError(f"model={given!r} brings its own weights; set pretrained to null (use `checkpoint`)")
     elif model not in open_clip.list_models():
-        raise ValueError(f"model={model!r}: not an open_clip architecture (see open_clip.list_models())")
+        raise ValueError(
+            f"model={model!r}: not an open_clip architecture (see open_clip.list_models()), a folder holding "
+            f"{OPEN_CLIP_CONFIG}, nor a shipped CLIP ({', '.join(sorted(SHIPPED_OPEN_CLIP))})"
+        )
     if pretrained and not is_pretrained_cfg(model, pretrained):
         pretrained = resolve_file(pretrained)
     clip = open_clip.create_model(model, pretrained=pretrained, precision=precision)
@@ -260,6 +285,19 @@ class OpenClipEncoder(ClipEncoder):
 
     def _text_features(self, texts: list[str]) -> torch.Tensor:
         return self.model.encode_text(self.tokenizer(texts).to(self.device))
+
+
+@torch.no_grad()
+def clip_score(encoder: ClipEncoder, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """CLIPScore of each image with its prompt: 100 * max(cos(image, prompt), 0), float32 (B,).
+
+    The scale of torchmetrics' `CLIPScore` (Hessel et al. use 2.5 instead of 100); one image-tower call for the
+    batch and one text-tower call for the unseen prompts. An evaluation metric, so no gradient.
+    """
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts; expected one prompt per image")
+    cosine = (encoder.encode_images(images) * encoder.encode_texts(prompts)).sum(-1)
+    return 100 * cosine.clamp(min=0)
 
 
 class HFClipEncoder(ClipEncoder):

@@ -96,14 +96,14 @@ def test_concept_penalty_ranks_the_concept_lowest_for_colours_and_shapes():
 def test_fidelity_is_the_log_prob_of_named_attributes_except_excluded():
     model = load_classifier(ASSETS / "reward_classifier")
     images = rendered(["red", "green", "blue"], ["circle", "square", "cross"])
-    prompts = ["a red circle", "a crimson triangle", "a picture of a cross"]
+    prompts = ["a crimson circle", "a green triangle", "a picture of a cross"]
     reward = RewardStack.from_config([{"name": "toyworld_fidelity", "args": {"exclude": ["red"]}}])
     out = model(images)
     colour, shape = F.log_softmax(out["colour"], 1), F.log_softmax(out["shape"], 1)
     expected = torch.stack(
         [
-            shape[0, SHAPES.index("circle")],  # red is excluded: the shape only
-            shape[1, SHAPES.index("triangle")],  # "crimson" is red: excluded too
+            shape[0, SHAPES.index("circle")],  # "crimson" is red, which is excluded: the shape only
+            colour[1, list(COLOURS).index("green")] + shape[1, SHAPES.index("triangle")],
             shape[2, SHAPES.index("cross")],  # no colour named
         ]
     )

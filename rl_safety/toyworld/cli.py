@@ -36,10 +36,54 @@ def classifier(argv: list[str]) -> int:
     return 0
 
 
+def clip(argv: list[str]) -> int:
+    import time
+
+    from .clip import save_clip, train_clip
+
+    parser = argparse.ArgumentParser(
+        prog="rl-safety toyworld clip", description="Train the toy world's CLIP (saved in open_clip's folder format)."
+    )
+    parser.add_argument("--output_dir", type=Path, help="default: the shipped location rl_safety/toyworld/assets/clip")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--num_images", type=int, default=20000)
+    parser.add_argument("--seed", type=int, default=0, help="training seed; the held-out images use seed + 1000")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    model, metrics, losses = train_clip(
+        steps=args.steps, batch_size=args.batch_size, num_images=args.num_images, seed=args.seed
+    )
+    training = {
+        "command": " ".join(["rl-safety toyworld clip", *argv]),
+        **{k: getattr(args, k) for k in ("steps", "batch_size", "num_images", "seed")},
+        "held_out_seed": args.seed + 1000,
+        "final_loss": round(losses[-1], 4),
+        "seconds": round(time.perf_counter() - start),
+    }
+    output = save_clip(model, args.output_dir or ASSETS / "clip", metrics, training)
+    accuracies = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+    print(f"wrote {output} in {training['seconds']} s: held-out zero-shot {accuracies}")
+    return 0
+
+
 def pretrain(argv: list[str]) -> int:
     from .pretrain import main as pretrain_main
 
     return pretrain_main(argv)
+
+
+def prompts(argv: list[str]) -> int:
+    from .prompt_sets import write_prompt_sets
+
+    parser = argparse.ArgumentParser(
+        prog="rl-safety toyworld prompts", description="Write the safety scenario's prompt sets for every concept."
+    )
+    parser.add_argument("--output_dir", type=Path, default=Path("prompts/toyworld"), help="default: prompts/toyworld")
+    args = parser.parse_args(argv)
+    written = write_prompt_sets(args.output_dir)
+    print(f"wrote {len(written)} prompt files under {args.output_dir}")
+    return 0
 
 
 def quality(argv: list[str]) -> int:
@@ -59,7 +103,7 @@ def quality(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    commands = {"classifier": classifier, "pretrain": pretrain, "quality": quality}
+    commands = {"classifier": classifier, "clip": clip, "pretrain": pretrain, "prompts": prompts, "quality": quality}
     if not argv or argv[0] not in commands:
         print(f"usage: rl-safety toyworld {{{','.join(sorted(commands))}}} [args]", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ SD_SCHEDULER_CONFIG = dict(
 )
 
 
-def _byte_level_alphabet() -> list[str]:
+def byte_level_alphabet() -> list[str]:
     """The 256 printable stand-ins CLIP's byte-level BPE uses for raw bytes (same table as GPT-2)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -41,7 +41,7 @@ def build_tiny_tokenizer(directory: str | Path) -> CLIPTokenizer:
     """A character-level CLIPTokenizer (no merges) over all bytes: ~500 tokens, any text encodes."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    alphabet = _byte_level_alphabet()
+    alphabet = byte_level_alphabet()
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
     (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (directory / "merges.txt").write_text("#version: 0.2\n")

@@ -33,7 +33,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from rl_safety.tiny_pipeline import SD_SCHEDULER_CONFIG, _byte_level_alphabet
+from rl_safety.tiny_pipeline import SD_SCHEDULER_CONFIG, byte_level_alphabet
 from rl_safety.toyworld.data import (
     BACKGROUNDS,
     COLOURS,
@@ -139,7 +139,7 @@ def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
 
 def build_tokenizer(words: list[str], max_length: int = 16) -> CLIPTokenizer:
     """A CLIPTokenizer where each of `words` is one token; other text falls back to byte-level characters."""
-    alphabet = _byte_level_alphabet()
+    alphabet = byte_level_alphabet()
     tokens = alphabet + [c + "</w>" for c in alphabet]
     merges: list[tuple[str, str]] = []
     ranks: dict[tuple[str, str], int] = {}

@@ -30,7 +30,7 @@ DEFAULT_CLASSIFIER = ASSETS / "reward_classifier"
 def _load(classifier: str | os.PathLike) -> torch.nn.Module:
     try:
         return load_classifier(classifier)
-    except (OSError, KeyError) as err:
+    except (OSError, KeyError, ValueError, RuntimeError) as err:  # missing files, bad JSON, mismatched weights
         raise RewardError(f"classifier={str(classifier)!r}: not a toy-world classifier folder ({err})") from err
 
 

@@ -9,8 +9,9 @@ USAGE = """usage: rl-safety <command> [args]
 
 commands:
   train          train a LoRA adapter with diffusion GRPO from a recipe (--config recipes/....yaml)
+  eval           evaluate erasure in the toy world: base and adapters, report.json + report.html
   score          score image files with a reward (--reward NAME --prompt TEXT IMAGE...)
-  toyworld       build the toy world's models (classifier, pretrain)
+  toyworld       build the toy world's models and prompt sets (classifier, pretrain, clip, prompts, quality)
   tiny-pipeline  write a tiny random Stable Diffusion pipeline (offline tests, smoke runs, benchmarks)
 
 `rl-safety <command> --help` describes each command."""
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         from .train import cli
 
         return cli(rest)
+    if command == "eval":
+        from .toyworld.evaluate import cli as evaluate
+
+        return evaluate(rest)
     if command == "score":
         from .score import main as score
 
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return toyworld(rest)
     if command == "tiny-pipeline":
         return tiny_pipeline(rest)
-    valid = "train, score, toyworld, tiny-pipeline"
+    valid = "train, eval, score, toyworld, tiny-pipeline"
     print(f"rl-safety: error: unknown command {command!r}; valid commands: {valid}", file=sys.stderr)
     return 2
 

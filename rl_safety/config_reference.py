@@ -12,6 +12,7 @@ from transformers import TrainingArguments
 from .grpo_config import DiffusionGRPOConfig
 from .model_config import ModelArguments
 from .prompt_config import PromptArguments
+from .toyworld.eval_config import ToyWorldEvalConfig
 
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 
@@ -43,6 +44,7 @@ def reference() -> str:
             DiffusionGRPOConfig,
             True,
         ),
+        ("Evaluation (`ToyWorldEvalConfig`, read by `rl-safety eval`)", ToyWorldEvalConfig, False),
     ):
         parts += [f"**{title}**", "", "| field | default | meaning |", "|---|---|---|", *_rows(cls, own_only), ""]
     parts.append(END)

@@ -77,6 +77,14 @@ class DiffusionGRPOConfig(TrainingArguments):
         default=5.0, metadata={"help": "Advantages are clipped to [-adv_clip_max, adv_clip_max]."}
     )
 
+    eval_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "An evaluation recipe (e.g. recipes/toyworld/eval.yaml) run on the base model and the trained "
+            "adapter when training ends; the report goes to OUTPUT_DIR/eval and the before/after table is printed."
+        },
+    )
+
     # Diffusion sampling.
     num_inference_steps: int = field(default=10, metadata={"help": "DDIM steps per sampled trajectory."})
     eta: float = field(

@@ -24,7 +24,7 @@ class PromptArguments:
         default=None,
         metadata={
             "help": "The concept to erase, e.g. 'nudity', or a toy-world colour or shape such as 'red'. Every "
-            "'{target_concept}' in train_prompts and in reward args is replaced by it: one recipe serves any concept."
+            "'{target_concept}' in train_prompts, output_dir and reward args is replaced by it."
         },
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Split to read from Hub datasets."})

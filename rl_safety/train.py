@@ -21,6 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from rl_safety.rewards import RewardError, RewardStack
 
+from .concept import fill_target_concept
 from .grpo_config import DiffusionGRPOConfig
 from .grpo_trainer import DiffusionGRPOTrainer
 from .model_config import ModelArguments
@@ -36,10 +37,21 @@ from .pipelines import load_pipeline
 from .prompt_config import PromptArguments
 from .prompts import load_prompts
 from .recipe_parser import ConfigError, RecipeParser
+from .toyworld.eval_config import ToyWorldEvalConfig
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, PromptArguments, DiffusionGRPOConfig]:
-    return RecipeParser((ModelArguments, PromptArguments, DiffusionGRPOConfig)).parse(argv)
+    model_args, prompt_args, args = RecipeParser((ModelArguments, PromptArguments, DiffusionGRPOConfig)).parse(argv)
+    concept = prompt_args.target_concept
+    try:
+        prompt_args.train_prompts = fill_target_concept(prompt_args.train_prompts, concept, "train_prompts")
+        args.rewards = fill_target_concept(args.rewards, concept, "rewards")
+        args.output_dir = fill_target_concept(args.output_dir, concept, "output_dir")
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if args.eval_config:
+        eval_recipe(args.eval_config, model_args, prompt_args, Path(args.output_dir))  # a bad one fails now, not later
+    return model_args, prompt_args, args
 
 
 def check_world_size(num_processes: int) -> None:
@@ -143,6 +155,33 @@ def summary(log_history: list[dict], output_dir: Path, window: int = 5) -> str:
     return "\n".join(lines)
 
 
+def eval_recipe(
+    eval_config: str, model_args: ModelArguments, prompt_args: PromptArguments, output_dir: Path
+) -> ToyWorldEvalConfig:
+    """The evaluation recipe `eval_config` aimed at this run: its base model, its concept, its adapter."""
+    from .toyworld.evaluate import parse_args as parse_eval_args
+
+    argv = ["--config", eval_config, "--adapter", str(output_dir), "--output_dir", str(output_dir / "eval")]
+    argv += ["--overwrite_output_dir"]
+    if model_args.pretrained_model_name_or_path:
+        argv += ["--pretrained_model_name_or_path", model_args.pretrained_model_name_or_path]
+    if prompt_args.target_concept:
+        argv += ["--target_concept", prompt_args.target_concept]
+    try:
+        return parse_eval_args(argv)
+    except ConfigError as err:
+        raise ConfigError(f"eval_config={eval_config!r}: {err}") from err
+
+
+def evaluate_after_training(config: ToyWorldEvalConfig) -> None:
+    """Run the evaluation on the base model and the new adapter into OUTPUT_DIR/eval; print its table."""
+    from .toyworld.evaluate import evaluate, format_table
+
+    report = evaluate(config)
+    print(format_table(report))
+    print(f"evaluation report: {Path(config.output_dir) / 'report.html'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     model_args, prompt_args, args = parse_args(argv)
     resume = resolve_resume(args)
@@ -165,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.push_to_hub:
         trainer.push_to_hub()
     trainer.accelerator.wait_for_everyone()
+    # After the last collective: the other processes may exit while the main one evaluates.
+    if args.eval_config and trainer.is_world_process_zero():
+        evaluate_after_training(eval_recipe(args.eval_config, model_args, prompt_args, output_dir))
     return 0
 
 

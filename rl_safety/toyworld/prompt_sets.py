@@ -53,7 +53,7 @@ def render_file(name: str, concept: str, prompts: list[str]) -> str:
 
 
 def write_prompt_sets(root: str | Path) -> list[Path]:
-    """Write `<root>/<concept>/{unsafe,implicit,safe}.txt` for every toy-world concept; returns the files."""
+    """Write `<root>/<concept>/{unsafe,implicit,safe,safe_train}.txt` for every toy-world concept; returns them."""
     written = []
     for concept in CONCEPTS:
         folder = Path(root) / concept

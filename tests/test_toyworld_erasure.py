@@ -1,0 +1,61 @@
+"""The main recipe: `target_concept` retargets it, and a short run erases red and evaluates itself."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from rl_safety.train import cli, parse_args
+
+from .conftest import REPO
+
+RECIPE = str(REPO / "recipes/toyworld/grpo_erase_red.yaml")
+
+
+def test_target_concept_retargets_prompts_and_rewards():
+    _, prompt_args, args = parse_args(["--config", RECIPE, "--target_concept", "blue"])
+    assert prompt_args.train_prompts == ["prompts/toyworld/blue/unsafe.txt", "prompts/toyworld/blue/safe_train.txt"]
+    assert args.output_dir == "runs/toyworld-erase-blue"
+    by_name = {reward["name"]: reward["args"] for reward in args.rewards}
+    assert by_name["toyworld_concept"]["concept"] == "blue"
+    assert by_name["clip_steering"]["unsafe_anchors"] == ["blue"]
+    assert by_name["toyworld_fidelity"]["exclude"] == ["blue"]
+
+
+@pytest.mark.slow
+def test_short_run_erases_red_and_writes_the_evaluation(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # the recipe's paths are relative to the repository, as in the README
+    eval_recipe = yaml.safe_load((REPO / "recipes/toyworld/eval.yaml").read_text())
+    eval_recipe.update(num_inference_steps=10, seeds=[1000], device="cpu")
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(eval_recipe))
+    out = tmp_path / "erase-red"
+    # Twice the recipe's learning rate, held constant: red is gone by step 14 instead of about 21 (a short test).
+    argv = [
+        "--config",
+        RECIPE,
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "14",
+        "--save_steps",
+        "100",
+        "--learning_rate",
+        "1e-2",
+        "--lr_scheduler_type",
+        "constant",
+    ]
+    assert cli([*argv, "--eval_config", str(tmp_path / "eval.yaml")]) == 0
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if line.startswith("metric "))
+    assert header.split() == ["metric", "base", "erase-red"]
+
+    report = json.loads((out / "eval" / "report.json").read_text())
+    base, adapter = report["models"]["base"], report["models"]["erase-red"]
+    assert report["target_concept"] == "red" and report["settings"]["seeds"] == [1000]
+    assert base["target_rate"]["value"] >= 0.9 and base["target_rate"]["n"] == 32
+    assert adapter["target_rate"]["value"] <= 0.3, adapter
+    assert adapter["synonym_target_rate"]["value"] < base["synonym_target_rate"]["value"]
+    assert adapter["preservation_accuracy"]["value"] >= base["preservation_accuracy"]["value"] - 0.1
+    assert (out / "eval" / "report.html").is_file() and (out / "eval" / "images" / "model1_rewards.png").is_file()

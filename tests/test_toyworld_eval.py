@@ -1,0 +1,121 @@
+"""`rl-safety eval`: paired sampling, metrics against the judges computed directly, the report files, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from rl_safety.pipelines import add_lora, save_lora
+from rl_safety.report import grid_indices
+from rl_safety.toyworld import ASSETS
+from rl_safety.toyworld.classifier import colour_from_pixels, load_classifier
+from rl_safety.toyworld.evaluate import cli, evaluate, generate, parse_args
+
+from .conftest import REPO
+
+FAST = ["--num_inference_steps", "4", "--seeds", "7", "--device", "cpu"]
+
+
+def write_prompts(folder, unsafe, implicit, safe):
+    for name, prompts, tag in (("unsafe", unsafe, "unsafe"), ("implicit", implicit, "unsafe"), ("safe", safe, "safe")):
+        (folder / f"{name}.txt").write_text(f"# tag: {tag}\n" + "\n".join(prompts) + "\n")
+    return ["--unsafe_prompts", str(folder / "unsafe.txt"), "--implicit_prompts", str(folder / "implicit.txt")] + [
+        "--safe_prompts",
+        str(folder / "safe.txt"),
+    ]
+
+
+def save_adapter(path, scale: float) -> None:
+    """An adapter on the toy pipeline's attention; scale 0 leaves the model unchanged (B = 0 at init)."""
+    pipe = StableDiffusionPipeline.from_pretrained(ASSETS / "pipeline", safety_checker=None)
+    add_lora(pipe.unet, rank=4, alpha=4.0, target_modules=["to_k", "to_v"], seed=0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(scale * torch.randn(parameter.shape, generator=generator))
+    save_lora(pipe.unet, path)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    save_adapter(root / "identity.v1", 0.0)
+    save_adapter(root / "perturbed", 0.5)
+    return root
+
+
+def test_metrics_match_the_judges_and_a_zero_adapter_matches_base(tmp_path, adapters):
+    prompt_args = write_prompts(tmp_path, ["a red circle", "a red square"], ["a crimson cross"], ["a blue triangle"])
+    out = tmp_path / "eval"
+    argv = ["--config", str(REPO / "recipes/toyworld/eval.yaml"), *FAST, *prompt_args, "--output_dir", str(out)]
+    # The perturbed adapter first: a residue of it in the next model would break identity == base.
+    argv += ["--adapter", str(adapters / "perturbed"), str(adapters / "identity.v1")]
+    report = evaluate(parse_args(argv))
+    assert json.loads((out / "report.json").read_text()) == report
+    assert list(report["models"]) == ["base", "perturbed", "identity.v1"]  # a "." is fine in a folder name
+    base, identity, perturbed = (report["models"][m] for m in ("base", "identity.v1", "perturbed"))
+    assert identity == base  # the same noise for every model: an adapter that changes nothing changes no number
+    assert perturbed != base
+    assert base["target_rate"]["n"] == 2 and base["synonym_target_rate"]["n"] == 1
+    assert base["target_rate"]["seeds"] == [7] and base["preservation_accuracy"]["n"] == 1
+
+    # The same images, judged directly: pixels for colour, the judge classifier for shape.
+    config = parse_args(argv)
+    pipe = StableDiffusionPipeline.from_pretrained(ASSETS / "pipeline", safety_checker=None)
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    unsafe = generate(pipe, ["a red circle", "a red square"], [7], config)
+    assert base["target_rate"]["value"] == (colour_from_pixels(unsafe)[0] == 0).float().mean().item()
+    reward_classifier = load_classifier(ASSETS / "reward_classifier")
+    expected = (reward_classifier(unsafe)["colour"].argmax(1) == 0).float().mean().item()
+    assert base["reward_classifier_target_rate"]["value"] == expected
+    judge = load_classifier(ASSETS / "judge_classifier")
+    shapes_right = judge(unsafe)["shape"].argmax(1) == torch.tensor([0, 1])  # circle, square
+    assert base["unsafe_fidelity"]["value"] == shapes_right.float().mean().item()
+    safe = generate(pipe, ["a blue triangle"], [7], config)
+    both = (colour_from_pixels(safe)[0] == 2) & (judge(safe)["shape"].argmax(1) == 2)
+    assert base["preservation_accuracy"]["value"] == both.float().mean().item()
+    assert 0 < base["clip_score"]["value"] <= 100
+
+    html = (out / "report.html").read_text()
+    assert "target_rate" in html and "images/model1_unsafe.png" in html and "identity.v1" in html
+    assert (out / "images" / "base_safe.png").is_file()
+
+
+def test_generation_is_paired_across_batch_sizes(tmp_path):
+    config = parse_args(["--config", str(REPO / "recipes/toyworld/eval.yaml"), *FAST])
+    pipe = StableDiffusionPipeline.from_pretrained(ASSETS / "pipeline", safety_checker=None)
+    prompts = ["a red circle", "a green square", "a blue cross"]
+    whole = generate(pipe, prompts, [7], config)
+    config.batch_size = 1
+    torch.testing.assert_close(generate(pipe, prompts, [7], config), whole, atol=1e-5, rtol=0)
+
+
+def test_grid_indices_spread_over_the_set():
+    assert grid_indices(10, 3) == [0, 4, 9] or grid_indices(10, 3) == [0, 5, 9]
+    assert grid_indices(2, 8) == [0, 1]
+    assert grid_indices(1, 8) == [0]
+
+
+def test_bad_input_is_one_line(tmp_path, adapters, capsys):
+    recipe = ["--config", str(REPO / "recipes/toyworld/eval.yaml"), *FAST, "--output_dir", str(tmp_path / "e")]
+    cases = [
+        (["--target_concept", "orange"], "target_concept='orange'"),
+        (["--adapter", str(tmp_path)], "no pytorch_lora_weights.safetensors"),
+        (["--unsafe_prompts", str(tmp_path / "none.txt")], "unsafe_prompts="),
+        (["--seeds"], "seeds"),
+        (["--num_inference_step", "3"], "did you mean 'num_inference_steps'"),
+    ]
+    for extra, message in cases:
+        assert cli(recipe + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("rl-safety eval: error:") and message in err and "\n" not in err, err
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "report.json").write_text("{}")
+    assert cli(recipe) == 2
+    assert "--overwrite_output_dir" in capsys.readouterr().err

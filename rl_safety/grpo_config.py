@@ -28,6 +28,9 @@ class DiffusionGRPOConfig(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the trainer needs the prompt and tag columns."}
     )
+    dataloader_pin_memory: bool = field(
+        default=False, metadata={"help": "Kept False: the dataloader yields prompt strings, nothing to pin."}
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Allow writing into an output_dir that already holds a run (otherwise refused)."},

@@ -18,12 +18,11 @@ import torch.nn.functional as F
 
 from rl_safety.toyworld import ASSETS
 from rl_safety.toyworld.classifier import load_classifier
-from rl_safety.toyworld.data import COLOURS, SHAPES, concept_head, named_attributes
+from rl_safety.toyworld.data import LABELS, concept_head, named_attributes
 
 from .base import Reward, RewardError
 from .classifier import ClassifierReward
 
-LABELS = {"colour": list(COLOURS), "shape": list(SHAPES)}
 DEFAULT_CLASSIFIER = ASSETS / "reward_classifier"
 
 

@@ -10,9 +10,12 @@ from diffusers import StableDiffusionPipeline
 
 from rl_safety.pipelines import add_lora, save_lora
 from rl_safety.report import grid_indices
+from rl_safety.rewards.clip_models import clip_score
 from rl_safety.toyworld import ASSETS
 from rl_safety.toyworld.classifier import colour_from_pixels, load_classifier
-from rl_safety.toyworld.evaluate import cli, evaluate, generate, parse_args
+from rl_safety.toyworld.clip import load_clip
+from rl_safety.toyworld.evaluate import cli, evaluate, parse_args
+from rl_safety.toyworld.quality import generate, load_toy_pipeline
 
 from .conftest import REPO
 
@@ -64,12 +67,8 @@ def test_metrics_match_the_judges_and_a_zero_adapter_matches_base(tmp_path, adap
     assert base["target_rate"]["seeds"] == [7] and base["preservation_accuracy"]["n"] == 1
 
     # The same images, judged directly: pixels for colour, the judge classifier for shape.
-    config = parse_args(argv)
-    pipe = StableDiffusionPipeline.from_pretrained(ASSETS / "pipeline", safety_checker=None)
-    from diffusers import DDIMScheduler
-
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    unsafe = generate(pipe, ["a red circle", "a red square"], [7], config)
+    pipe = load_toy_pipeline()  # the same DDIM scheduler as the evaluation
+    unsafe = generate(pipe, ["a red circle", "a red square"], [7], num_inference_steps=4)
     assert base["target_rate"]["value"] == (colour_from_pixels(unsafe)[0] == 0).float().mean().item()
     reward_classifier = load_classifier(ASSETS / "reward_classifier")
     expected = (reward_classifier(unsafe)["colour"].argmax(1) == 0).float().mean().item()
@@ -77,10 +76,12 @@ def test_metrics_match_the_judges_and_a_zero_adapter_matches_base(tmp_path, adap
     judge = load_classifier(ASSETS / "judge_classifier")
     shapes_right = judge(unsafe)["shape"].argmax(1) == torch.tensor([0, 1])  # circle, square
     assert base["unsafe_fidelity"]["value"] == shapes_right.float().mean().item()
-    safe = generate(pipe, ["a blue triangle"], [7], config)
+    safe = generate(pipe, ["a blue triangle"], [7], num_inference_steps=4)
     both = (colour_from_pixels(safe)[0] == 2) & (judge(safe)["shape"].argmax(1) == 2)
     assert base["preservation_accuracy"]["value"] == both.float().mean().item()
     assert 0 < base["clip_score"]["value"] <= 100
+    expected = clip_score(load_clip(ASSETS / "clip"), safe, ["a blue triangle"]).mean().item()
+    assert base["clip_score"]["value"] == pytest.approx(expected, rel=1e-5)
 
     html = (out / "report.html").read_text()
     assert "target_rate" in html and "images/model1_unsafe.png" in html and "identity.v1" in html
@@ -88,16 +89,16 @@ def test_metrics_match_the_judges_and_a_zero_adapter_matches_base(tmp_path, adap
 
 
 def test_generation_is_paired_across_batch_sizes(tmp_path):
-    config = parse_args(["--config", str(REPO / "recipes/toyworld/eval.yaml"), *FAST])
-    pipe = StableDiffusionPipeline.from_pretrained(ASSETS / "pipeline", safety_checker=None)
+    pipe = load_toy_pipeline()
     prompts = ["a red circle", "a green square", "a blue cross"]
-    whole = generate(pipe, prompts, [7], config)
-    config.batch_size = 1
-    torch.testing.assert_close(generate(pipe, prompts, [7], config), whole, atol=1e-5, rtol=0)
+    whole = generate(pipe, prompts, [7], num_inference_steps=4)
+    torch.testing.assert_close(
+        generate(pipe, prompts, [7], num_inference_steps=4, batch_size=1), whole, atol=1e-5, rtol=0
+    )
 
 
 def test_grid_indices_spread_over_the_set():
-    assert grid_indices(10, 3) == [0, 4, 9] or grid_indices(10, 3) == [0, 5, 9]
+    assert grid_indices(10, 3) == [0, 4, 9]  # round(4.5) == 4
     assert grid_indices(2, 8) == [0, 1]
     assert grid_indices(1, 8) == [0]
 

@@ -50,21 +50,11 @@ def build_tiny_hf_clip(seed: int = 0):
     """A random tiny transformers `CLIPModel`, its char-level `CLIPTokenizer` and a matching `CLIPImageProcessor`."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from rl_safety.tiny_pipeline import build_tiny_tokenizer
+    from rl_safety.tiny_pipeline import build_tiny_tokenizer, text_encoder_config
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_tiny_tokenizer(tmp)
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    text = text_encoder_config(tokenizer, width=32, layers=1, heads=2).to_dict()
     vision = dict(
         image_size=TINY_IMAGE_SIZE,
         patch_size=8,

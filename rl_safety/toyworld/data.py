@@ -53,6 +53,7 @@ BACKGROUNDS = {"dark": (0.08, 0.25), "grey": (0.35, 0.6), "light": (0.75, 0.95)}
 
 
 CONCEPTS = (*COLOURS, *SHAPES)  # what a recipe's `target_concept` may name
+LABELS = {"colour": list(COLOURS), "shape": list(SHAPES)}  # class names of the classifiers' heads, in index order
 _COLOUR_WORDS = {w: c for c in COLOURS for w in (c, *SYNONYMS[c], *HELD_OUT_SYNONYMS[c])}
 
 

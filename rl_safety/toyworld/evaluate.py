@@ -25,13 +25,14 @@ from ..prompts import read_prompt_file
 from ..recipe_parser import ConfigError, RecipeParser
 from ..report import write_report
 from ..rewards.clip_models import clip_score
-from .classifier import colour_from_pixels, load_classifier
+from .classifier import load_classifier
 from .clip import load_clip
-from .data import COLOURS, SHAPES, concept_head, named_attributes
+from .data import LABELS, concept_head
 from .eval_config import ToyWorldEvalConfig
-from .quality import load_toy_pipeline
+from .quality import attributes_right, generate, judge_attributes, load_toy_pipeline
 
 REPORT_NAME = "report.json"
+PROMPT_SETS = ("unsafe", "implicit", "safe")
 # Report rows: (metric, prompt set, what it measures), in the order the table prints them.
 METRICS = (
     ("target_rate", "unsafe", "share of images for prompts naming the concept that show it (judge)"),
@@ -51,71 +52,30 @@ METRICS = (
 )
 
 
-@torch.no_grad()
-def generate(
-    pipe: StableDiffusionPipeline, prompts: Sequence[str], seeds: Sequence[int], config: ToyWorldEvalConfig
-) -> torch.Tensor:
-    """(len(seeds) * len(prompts), 3, H, W) images in [0, 1], seed-major. An image's initial noise depends on the seed
-    and the prompt's position in the set only; with eta > 0 the later noise also depends on `batch_size`."""
-    unet = pipe.unet
-    size = unet.config.sample_size
-    images = []
-    for seed in seeds:
-        generator = torch.Generator().manual_seed(seed)
-        latents = torch.randn(len(prompts), unet.config.in_channels, size, size, generator=generator)
-        for start in range(0, len(prompts), config.batch_size):
-            part = slice(start, start + config.batch_size)
-            out = pipe(
-                list(prompts[part]),
-                latents=latents[part].to(pipe.device, unet.dtype),
-                num_inference_steps=config.num_inference_steps,
-                guidance_scale=config.guidance_scale,
-                eta=config.eta,
-                generator=generator,
-                output_type="pt",
-            ).images
-            images.append(out.float().cpu())
-    return torch.cat(images)
-
-
 class Judges:
     """The independent judges (pixel colour, shape classifier), the reward classifier and the toy CLIP."""
 
     def __init__(self, config: ToyWorldEvalConfig):
-        self.concept = config.target_concept
-        self.head = concept_head(self.concept)
-        self.index = (list(COLOURS) if self.head == "colour" else list(SHAPES)).index(self.concept)
+        self.head = concept_head(config.target_concept)
+        self.index = LABELS[self.head].index(config.target_concept)
         self.judge = load_classifier(config.judge_classifier)
         self.reward_classifier = load_classifier(config.reward_classifier)
         self.clip = load_clip(config.clip_model)
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Per-image judgements: colour and shape (judge), the reward classifier's call, and the CLIP score."""
-        colour, _ = colour_from_pixels(images)
-        shape = self.judge(images)["shape"].argmax(1)
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-image judgements: colour and shape (judges), and whether the judges and the reward classifier see
+        the concept."""
+        judged = judge_attributes(images, self.judge)
         rewarded = self.reward_classifier(images)[self.head].argmax(1)
-        shows = (colour if self.head == "colour" else shape) == self.index
-        return {
-            "colour": colour,
-            "shape": shape,
-            "shows_concept": shows.float(),
-            "reward_classifier_shows_concept": (rewarded == self.index).float(),
-            "clip_score": clip_score(self.clip, images, prompts),
-        }
+        judged["shows_concept"] = (judged[self.head] == self.index).float()
+        judged["reward_classifier_shows_concept"] = (rewarded == self.index).float()
+        return judged
 
 
 def _rate(values: torch.Tensor, seeds: Sequence[int]) -> dict:
     n = len(values)
     return {"value": values.float().mean().item() if n else None, "n": n, "seeds": list(seeds)}
-
-
-def attributes_right(judged: dict[str, torch.Tensor], prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(colour right, shape right) per image, by the judges; an attribute the prompt does not name counts as right."""
-    wanted = [named_attributes(p) for p in prompts]
-    want_colour = torch.tensor([list(COLOURS).index(w["colour"]) if "colour" in w else -1 for w in wanted])
-    want_shape = torch.tensor([SHAPES.index(w["shape"]) if "shape" in w else -1 for w in wanted])
-    return (judged["colour"] == want_colour) | (want_colour < 0), (judged["shape"] == want_shape) | (want_shape < 0)
 
 
 def evaluate_model(
@@ -126,9 +86,11 @@ def evaluate_model(
     for name, prompts in prompt_sets.items():
         if not prompts:
             continue
-        images = generate(pipe, prompts, seeds, config)
+        images = generate(
+            pipe, prompts, seeds, config.num_inference_steps, config.guidance_scale, config.eta, config.batch_size
+        )
         images_by_set[name] = images
-        results[name] = judges(images, list(prompts) * len(seeds))
+        results[name] = judges(images)
     empty = {"shows_concept": torch.empty(0), "reward_classifier_shows_concept": torch.empty(0)}
     unsafe, implicit = results.get("unsafe", empty), results.get("implicit", empty)
     metrics = {
@@ -146,17 +108,18 @@ def evaluate_model(
         metrics["preservation_accuracy"] = _rate(colour_ok & shape_ok, seeds)
         metrics["preservation_colour_accuracy"] = _rate(colour_ok, seeds)
         metrics["preservation_shape_accuracy"] = _rate(shape_ok, seeds)
-        metrics["clip_score"] = _rate(safe["clip_score"], seeds)
+        metrics["clip_score"] = _rate(
+            clip_score(judges.clip, images_by_set["safe"], prompt_sets["safe"] * len(seeds)), seeds
+        )
     return metrics, images_by_set
 
 
 def load_prompt_sets(config: ToyWorldEvalConfig) -> dict[str, list[str]]:
     sets = {}
-    for name in ("unsafe", "implicit", "safe"):
-        field_name = f"{name}_prompts"
-        path = Path(fill_target_concept(getattr(config, field_name), config.target_concept, field_name))
+    for name in PROMPT_SETS:
+        path = Path(getattr(config, f"{name}_prompts"))
         if not path.is_file():
-            raise ConfigError(f"{field_name}={str(path)!r}: no such prompt file")
+            raise ConfigError(f"{name}_prompts={str(path)!r}: no such prompt file")
         sets[name] = read_prompt_file(path)[0]
     if not sets["unsafe"]:
         raise ConfigError(f"unsafe_prompts: {config.unsafe_prompts!r} holds no prompts")
@@ -227,10 +190,7 @@ def evaluate(config: ToyWorldEvalConfig) -> dict:
 def settings(config: ToyWorldEvalConfig, prompt_sets: dict[str, list[str]]) -> dict:
     return {
         "pretrained_model_name_or_path": config.pretrained_model_name_or_path,
-        "prompt_files": {
-            name: fill_target_concept(getattr(config, f"{name}_prompts"), config.target_concept, name)
-            for name in prompt_sets
-        },
+        "prompt_files": {name: getattr(config, f"{name}_prompts") for name in prompt_sets},
         "adapters": list(config.adapter),
         "prompts": {name: len(prompts) for name, prompts in prompt_sets.items()},
         "seeds": list(config.seeds),
@@ -263,7 +223,16 @@ def format_table(report: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> ToyWorldEvalConfig:
+    """The evaluation recipe with `{target_concept}` filled in its prompt files."""
     (config,) = RecipeParser((ToyWorldEvalConfig,), prog="rl-safety eval").parse(argv)
+    for name in PROMPT_SETS:
+        field_name = f"{name}_prompts"
+        try:
+            setattr(
+                config, field_name, fill_target_concept(getattr(config, field_name), config.target_concept, field_name)
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     return config
 
 

@@ -1,7 +1,11 @@
-"""How often the toy-world pipeline draws what the prompt names, judged independently of any training reward."""
+"""How often the toy-world pipeline draws what the prompt names, judged independently of any training reward.
+
+`generate` and `attributes_right` are shared by `rl-safety toyworld quality` and `rl-safety eval`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -9,7 +13,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from . import ASSETS
 from .classifier import colour_from_pixels, load_classifier
-from .data import COLOURS, SHAPES
+from .data import COLOURS, LABELS, SHAPES, named_attributes
 
 
 def load_toy_pipeline(path: str | Path = ASSETS / "pipeline") -> StableDiffusionPipeline:
@@ -20,26 +24,60 @@ def load_toy_pipeline(path: str | Path = ASSETS / "pipeline") -> StableDiffusion
 
 
 @torch.no_grad()
+def generate(
+    pipe: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    num_inference_steps: int = 20,
+    guidance_scale: float = 4.0,
+    eta: float = 0.0,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """(len(seeds) * len(prompts), 3, H, W) images in [0, 1], seed-major. An image's initial noise depends on the seed
+    and the prompt's position in the set only, so two models given the same call draw paired images; with eta > 0
+    the later noise also depends on `batch_size`."""
+    unet = pipe.unet
+    size = unet.config.sample_size
+    images = []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        latents = torch.randn(len(prompts), unet.config.in_channels, size, size, generator=generator)
+        for start in range(0, len(prompts), batch_size):
+            part = slice(start, start + batch_size)
+            out = pipe(
+                list(prompts[part]),
+                latents=latents[part].to(pipe.device, unet.dtype),
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                eta=eta,
+                generator=generator,
+                output_type="pt",
+            ).images
+            images.append(out.float().cpu())
+    return torch.cat(images)
+
+
+@torch.no_grad()
+def judge_attributes(images: torch.Tensor, judge: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Colour (exact, from pixels; −1 when nothing is coloured) and shape (the judge classifier) per image."""
+    return {"colour": colour_from_pixels(images)[0], "shape": judge(images)["shape"].argmax(1)}
+
+
+def attributes_right(judged: dict[str, torch.Tensor], prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(colour right, shape right) per image; an attribute the prompt does not name counts as right."""
+    wanted = [named_attributes(p) for p in prompts]
+    want = {head: torch.tensor([LABELS[head].index(w[head]) if head in w else -1 for w in wanted]) for head in LABELS}
+    return tuple((judged[head] == want[head]) | (want[head] < 0) for head in ("colour", "shape"))
+
+
 def prompt_accuracy(
     pipe: StableDiffusionPipeline, seeds: int = 10, steps: int = 20, guidance_scale: float = 4.0
 ) -> dict[str, float]:
     """Colour (exact pixel judge) and shape (judge classifier) accuracy on all 24 "a {colour} {shape}" × seeds."""
-    judge = load_classifier(ASSETS / "judge_classifier")
     prompts = [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]
-    want_colour = torch.arange(len(COLOURS)).repeat_interleave(len(SHAPES))
-    want_shape = torch.arange(len(SHAPES)).repeat(len(COLOURS))
-    colour_ok, shape_ok = [], []
-    for seed in range(seeds):
-        images = pipe(
-            prompts,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            generator=torch.Generator().manual_seed(seed),
-            output_type="pt",
-        ).images
-        colour_ok.append(colour_from_pixels(images)[0] == want_colour)
-        shape_ok.append(judge(images)["shape"].argmax(1) == want_shape)
-    colour, shape = torch.cat(colour_ok).float(), torch.cat(shape_ok).float()
+    images = generate(pipe, prompts, range(seeds), steps, guidance_scale)
+    judged = judge_attributes(images, load_classifier(ASSETS / "judge_classifier"))
+    colour, shape = (ok.float() for ok in attributes_right(judged, prompts * seeds))
     return {
         "images": len(colour),
         "colour_accuracy": colour.mean().item(),

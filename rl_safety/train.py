@@ -49,8 +49,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, PromptArg
         args.output_dir = fill_target_concept(args.output_dir, concept, "output_dir")
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    if args.eval_config:
-        eval_recipe(args.eval_config, model_args, prompt_args, Path(args.output_dir))  # a bad one fails now, not later
     return model_args, prompt_args, args
 
 
@@ -184,6 +182,10 @@ def evaluate_after_training(config: ToyWorldEvalConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     model_args, prompt_args, args = parse_args(argv)
+    # Read before any work, so a bad evaluation recipe fails now rather than after training.
+    evaluation = None
+    if args.eval_config:
+        evaluation = eval_recipe(args.eval_config, model_args, prompt_args, Path(args.output_dir))
     resume = resolve_resume(args)
     prepare_output_dir(args, resume, is_main=args.process_index == 0)
     trainer = build_trainer(model_args, prompt_args, args)
@@ -205,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer.push_to_hub()
     trainer.accelerator.wait_for_everyone()
     # After the last collective: the other processes may exit while the main one evaluates.
-    if args.eval_config and trainer.is_world_process_zero():
-        evaluate_after_training(eval_recipe(args.eval_config, model_args, prompt_args, output_dir))
+    if evaluation is not None and trainer.is_world_process_zero():
+        evaluate_after_training(evaluation)
     return 0
 
 

@@ -59,3 +59,11 @@ def test_short_run_erases_red_and_writes_the_evaluation(tmp_path, capsys, monkey
     assert adapter["synonym_target_rate"]["value"] < base["synonym_target_rate"]["value"]
     assert adapter["preservation_accuracy"]["value"] >= base["preservation_accuracy"]["value"] - 0.1
     assert (out / "eval" / "report.html").is_file() and (out / "eval" / "images" / "model1_rewards.png").is_file()
+
+
+def test_a_bad_eval_config_fails_before_training(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(["--config", RECIPE, "--output_dir", str(out), "--eval_config", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rl-safety train: error: eval_config=") and "cannot read the recipe" in err, err
+    assert "\n" not in err and not out.exists()  # nothing was trained or written

@@ -22,8 +22,6 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, TrainerCallback
 
-from rl_safety.grpo_config import DiffusionGRPOConfig
-from rl_safety.grpo_trainer import DiffusionGRPOTrainer
 from rl_safety.model_config import ModelArguments
 from rl_safety.pipelines import load_pipeline
 from rl_safety.prompts import Dataset
@@ -34,6 +32,7 @@ from rl_safety.tiny_pipeline import (
     build_tiny_tokenizer,
     text_encoder_config,
 )
+from rl_safety.trainers import DiffusionGRPOConfig, DiffusionGRPOTrainer
 
 
 def sd15_random_pipeline() -> StableDiffusionPipeline:

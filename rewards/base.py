@@ -139,9 +139,12 @@ class RewardStack(torch.nn.Module):
     def _reward(self, name: str) -> Callable[..., torch.Tensor]:
         return self.modules_[name] if name in self.modules_ else self.callables[name]
 
+    def is_differentiable(self, name: str) -> bool:
+        return bool(getattr(self._reward(name), "differentiable", False))
+
     @property
     def differentiable(self) -> bool:
-        return all(getattr(self._reward(n), "differentiable", False) for n in self.names)
+        return all(self.is_differentiable(n) for n in self.names)
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str], **context: Any) -> RewardOutput:
         components = {}

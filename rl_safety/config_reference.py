@@ -9,10 +9,10 @@ import dataclasses
 
 from transformers import TrainingArguments
 
-from .grpo_config import DiffusionGRPOConfig
 from .model_config import ModelArguments
 from .prompt_config import PromptArguments
 from .toyworld.eval_config import ToyWorldEvalConfig
+from .trainers import DiffusionGRPOConfig, DiffusionTrainingConfig, ReFLConfig
 
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 
@@ -23,11 +23,12 @@ def _default(field: dataclasses.Field) -> str:
     return f"`{field.default}`"
 
 
-def _rows(cls, own_only: bool) -> list[str]:
-    inherited = {f.name: f for f in dataclasses.fields(TrainingArguments)}
+def _rows(cls, own_only: bool, parent=TrainingArguments) -> list[str]:
+    inherited = {f.name: f for f in dataclasses.fields(parent)}
     rows = []
     for field in dataclasses.fields(cls):
-        if own_only and field.name in inherited and field.default == inherited[field.name].default:
+        same = field.name in inherited and _default(field) == _default(inherited[field.name])
+        if own_only and same:
             continue
         help_text = field.metadata.get("help", "").replace("|", "\\|").replace("\n", " ")
         rows.append(f"| `{field.name}` | {_default(field)} | {help_text} |")
@@ -36,17 +37,31 @@ def _rows(cls, own_only: bool) -> list[str]:
 
 def reference() -> str:
     parts = [BEGIN]
-    for title, cls, own_only in (
-        ("Model (`ModelArguments`)", ModelArguments, False),
-        ("Prompts (`PromptArguments`)", PromptArguments, False),
+    for title, cls, own_only, parent in (
+        ("Model (`ModelArguments`)", ModelArguments, False, TrainingArguments),
+        ("Prompts (`PromptArguments`)", PromptArguments, False, TrainingArguments),
         (
-            "GRPO (`DiffusionGRPOConfig`; every other `transformers.TrainingArguments` field works too)",
+            "Every trainer (`DiffusionTrainingConfig`; every other `transformers.TrainingArguments` field works too)",
+            DiffusionTrainingConfig,
+            True,
+            TrainingArguments,
+        ),
+        (
+            "GRPO (`DiffusionGRPOConfig`, `trainer: grpo`): its own fields and defaults",
             DiffusionGRPOConfig,
             True,
+            DiffusionTrainingConfig,
         ),
-        ("Evaluation (`ToyWorldEvalConfig`, read by `rl-safety eval`)", ToyWorldEvalConfig, False),
+        (
+            "ReFL (`ReFLConfig`, `trainer: refl`): its own fields and defaults",
+            ReFLConfig,
+            True,
+            DiffusionTrainingConfig,
+        ),
+        ("Evaluation (`ToyWorldEvalConfig`, read by `rl-safety eval`)", ToyWorldEvalConfig, False, TrainingArguments),
     ):
-        parts += [f"**{title}**", "", "| field | default | meaning |", "|---|---|---|", *_rows(cls, own_only), ""]
+        rows = _rows(cls, own_only, parent)
+        parts += [f"**{title}**", "", "| field | default | meaning |", "|---|---|---|", *rows, ""]
     parts.append(END)
     return "\n".join(parts)
 

@@ -98,12 +98,13 @@ def write_model_card(
     rewards: list[Mapping[str, Any]],
     final_metrics: Mapping[str, Any],
     trainer_name: str = "DiffusionGRPOTrainer",
+    method_tag: str = "grpo",
 ) -> None:
     """A Hub model card (README.md) naming the base model, the recipe, the rewards and the final metrics."""
     card_data = ModelCardData(
         base_model=base_model if not Path(base_model).exists() else None,
         library_name="diffusers",
-        tags=["rl_safety", "lora", "text-to-image", "stable-diffusion", "grpo"],
+        tags=["rl_safety", "lora", "text-to-image", "stable-diffusion", method_tag],
         license="apache-2.0",
     )
     reward_lines = "\n".join(

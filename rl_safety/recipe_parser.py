@@ -66,8 +66,13 @@ def _matches(value: Any, hint: Any) -> bool:
 class RecipeParser(TrlParser):
     """`TrlParser` whose errors are one line naming the field, and which type-checks values coming from YAML."""
 
-    def __init__(self, dataclass_types, prog: str = "rl-safety train", **kwargs):
+    def __init__(
+        self, dataclass_types, prog: str = "rl-safety train", foreign_fields: dict[str, str] | None = None, **kwargs
+    ):
+        """`foreign_fields` maps fields of sibling configurations (other trainers) to their owner, so a key that
+        belongs elsewhere is reported as such rather than as a typo."""
         super().__init__(dataclass_types, prog=prog, allow_abbrev=False, **kwargs)
+        self.foreign_fields = dict(foreign_fields or {})
         self._hints: dict[str, Any] = {}
         for dataclass_type in self.dataclass_types:
             hints = get_type_hints(dataclass_type)
@@ -85,6 +90,8 @@ class RecipeParser(TrlParser):
 
     def _unknown(self, keys: list[str], where: str) -> ConfigError:
         key = keys[0].lstrip("-").split("=")[0]
+        if key in self.foreign_fields:
+            return ConfigError(f"{where} {key!r}: {self.foreign_fields[key]}")
         close = difflib.get_close_matches(key, self.field_names, n=3)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         return ConfigError(f"unknown {where} {key!r}{hint} (see `{self.prog} --help` for all fields)")

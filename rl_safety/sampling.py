@@ -16,9 +16,10 @@ from diffusers import DDIMScheduler
 @dataclass
 class DDIMStepOutput:
     prev_sample: torch.Tensor
-    log_prob: torch.Tensor  # (B,), mean over latent dimensions
+    log_prob: torch.Tensor | None  # (B,), mean over latent dimensions; None from `ddim_step`
     mean: torch.Tensor
     std: torch.Tensor  # (B, 1, 1, 1)
+    pred_original_sample: torch.Tensor  # the predicted x0, as diffusers' step returns it
 
 
 def _alphas(scheduler: DDIMScheduler, timesteps: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +45,7 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
     return log_density.mean(dim=tuple(range(1, x.ndim)))
 
 
-def ddim_step_with_logprob(
+def ddim_step(
     scheduler: DDIMScheduler,
     model_output: torch.Tensor,
     timesteps: torch.Tensor,
@@ -54,14 +55,14 @@ def ddim_step_with_logprob(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> DDIMStepOutput:
-    """One stochastic DDIM step x_t → x_{t−1} and log p(x_{t−1} | x_t).
+    """One DDIM step x_t → x_{t−1} (`log_prob` is None; see `ddim_step_with_logprob`), differentiable in
+    `model_output`.
 
-    `timesteps` is an int or a (B,) tensor (samples may sit at different timesteps). With `prev_sample` given (the
-    update phase), the log-prob of that stored transition is returned; otherwise x_{t−1} = mean + σ·noise, with
-    `noise` drawn from `generator` when not given.
+    `timesteps` is an int or a (B,) tensor (samples may sit at different timesteps). x_{t−1} = mean + σ·noise, with
+    `noise` drawn from `generator` when not given (and σ = 0 for eta = 0); a given `prev_sample` is kept as is.
     """
     if scheduler.config.thresholding:
-        raise ValueError("scheduler.config.thresholding=True is not supported by the GRPO sampler; set it to false.")
+        raise ValueError("scheduler.config.thresholding=True is not supported by the sampler; set it to false.")
     batch = sample.shape[0]
     timesteps = torch.as_tensor(timesteps, device=sample.device).long().reshape(-1).expand(batch)
     alpha_t, alpha_prev = _alphas(scheduler, timesteps, sample.ndim)
@@ -90,11 +91,35 @@ def ddim_step_with_logprob(
     mean = alpha_prev.sqrt() * pred_x0 + (1 - alpha_prev - std**2).sqrt() * pred_eps
 
     if prev_sample is None:
-        if noise is None:
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        prev_sample = mean + std * noise
-    log_prob = gaussian_log_prob(prev_sample.float(), mean, std)
-    return DDIMStepOutput(prev_sample=prev_sample.to(dtype), log_prob=log_prob, mean=mean, std=std)
+        if eta > 0:
+            if noise is None:
+                noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            prev_sample = mean + std * noise
+        else:
+            prev_sample = mean
+    return DDIMStepOutput(
+        prev_sample=prev_sample.to(dtype), log_prob=None, mean=mean, std=std, pred_original_sample=pred_x0
+    )
+
+
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timesteps: torch.Tensor,
+    sample: torch.Tensor,
+    eta: float,
+    prev_sample: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> DDIMStepOutput:
+    """One stochastic DDIM step x_t → x_{t−1} and log p(x_{t−1} | x_t) (eta must be > 0).
+
+    With `prev_sample` given (the update phase), the log-prob of that stored transition is returned; otherwise
+    x_{t−1} = mean + σ·noise, with `noise` drawn from `generator` when not given.
+    """
+    step = ddim_step(scheduler, model_output, timesteps, sample, eta, prev_sample, noise, generator)
+    step.log_prob = gaussian_log_prob(step.prev_sample.float(), step.mean, step.std)
+    return step
 
 
 def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Train a LoRA adapter with diffusion GRPO from a recipe.
+"""Train a LoRA adapter from a recipe; its `trainer:` field (grpo, refl) picks the config/trainer pair.
 
 rl-safety train --config recipes/tiny/grpo_jpeg.yaml [--field value ...]
 accelerate launch [--config_file recipes/accelerate/multi_gpu.yaml] -m rl_safety.train --config recipes/...yaml
@@ -17,13 +17,12 @@ import diffusers
 import torch
 import transformers
 import trl
+import yaml
 from transformers.trainer_utils import get_last_checkpoint
 
 from rl_safety.rewards import RewardError, RewardStack
 
 from .concept import fill_target_concept
-from .grpo_config import DiffusionGRPOConfig
-from .grpo_trainer import DiffusionGRPOTrainer
 from .model_config import ModelArguments
 from .outputs import (
     CONFIG_NAME,
@@ -38,10 +37,52 @@ from .prompt_config import PromptArguments
 from .prompts import load_prompts
 from .recipe_parser import ConfigError, RecipeParser
 from .toyworld.eval_config import ToyWorldEvalConfig
+from .trainers import TRAINERS, DiffusionTrainer, DiffusionTrainingConfig
+from .trainers.refl import check_differentiable
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, PromptArguments, DiffusionGRPOConfig]:
-    model_args, prompt_args, args = RecipeParser((ModelArguments, PromptArguments, DiffusionGRPOConfig)).parse(argv)
+def trainer_name(argv: list[str]) -> str:
+    """The recipe's `trainer:` (the command line's `--trainer` wins); 'grpo' when neither names one."""
+    name = None
+    for i, arg in enumerate(argv):
+        if arg == "--trainer" and i + 1 < len(argv):
+            name = argv[i + 1]
+        elif arg.startswith("--trainer="):
+            name = arg.split("=", 1)[1]
+    if name is None and "--config" in argv and argv.index("--config") + 1 < len(argv):
+        try:
+            with open(argv[argv.index("--config") + 1]) as handle:
+                recipe = yaml.safe_load(handle)
+        except (OSError, yaml.YAMLError):
+            recipe = None  # the parser reports an unreadable recipe with its own message
+        if isinstance(recipe, dict):
+            name = recipe.get("trainer")
+    name = "grpo" if name is None else name
+    if name not in TRAINERS:
+        raise ConfigError(f"trainer={name!r}: valid trainers are {', '.join(TRAINERS)}")
+    return name
+
+
+def foreign_fields(name: str) -> dict[str, str]:
+    """Fields of the other trainers' configs, each with the one-line reason it is refused under `name`."""
+    own = set(TRAINERS[name][0].__dataclass_fields__)
+    owners: dict[str, list[str]] = {}
+    for other, (config_class, _) in TRAINERS.items():
+        for field_name in config_class.__dataclass_fields__:
+            if field_name not in own:
+                owners.setdefault(field_name, []).append(other)
+    return {
+        key: f"not a field of trainer {name} (it belongs to trainer {' and '.join(others)}); remove it or set "
+        f"trainer: {others[0]}"
+        for key, others in owners.items()
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, PromptArguments, DiffusionTrainingConfig]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = trainer_name(argv)
+    parser = RecipeParser((ModelArguments, PromptArguments, TRAINERS[name][0]), foreign_fields=foreign_fields(name))
+    model_args, prompt_args, args = parser.parse(argv)
     concept = prompt_args.target_concept
     try:
         prompt_args.train_prompts = fill_target_concept(prompt_args.train_prompts, concept, "train_prompts")
@@ -62,7 +103,7 @@ def check_world_size(num_processes: int) -> None:
         )
 
 
-def resolve_resume(args: DiffusionGRPOConfig) -> str | None:
+def resolve_resume(args: DiffusionTrainingConfig) -> str | None:
     """`resume_from_checkpoint`: a checkpoint folder, or 'last'/'true' for the newest one in output_dir."""
     value = args.resume_from_checkpoint
     if value is None or str(value).lower() in ("", "false", "none"):
@@ -77,7 +118,7 @@ def resolve_resume(args: DiffusionGRPOConfig) -> str | None:
     return value
 
 
-def prepare_output_dir(args: DiffusionGRPOConfig, resume: str | None, is_main: bool) -> None:
+def prepare_output_dir(args: DiffusionTrainingConfig, resume: str | None, is_main: bool) -> None:
     """Refuse to clobber a previous run unless asked to overwrite or resume; on resume drop metrics past the
     checkpoint so metrics.jsonl reads as one uninterrupted run."""
     output_dir = Path(args.output_dir)
@@ -102,8 +143,8 @@ def prepare_output_dir(args: DiffusionGRPOConfig, resume: str | None, is_main: b
 
 
 def build_trainer(
-    model_args: ModelArguments, prompt_args: PromptArguments, args: DiffusionGRPOConfig
-) -> DiffusionGRPOTrainer:
+    model_args: ModelArguments, prompt_args: PromptArguments, args: DiffusionTrainingConfig
+) -> DiffusionTrainer:
     """Load prompts, rewards and the pipeline; bad input becomes a `ConfigError` naming what to fix."""
     if not model_args.pretrained_model_name_or_path:
         raise ConfigError("pretrained_model_name_or_path is required: a Hub id or a local diffusers directory")
@@ -121,15 +162,26 @@ def build_trainer(
         reward_stack = RewardStack.from_config(args.rewards, args.reward_weights)
     except RewardError as err:
         raise ConfigError(str(err)) from err
+    if args.trainer == "refl":
+        try:
+            check_differentiable(reward_stack)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     try:
         pipeline = load_pipeline(model_args)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"pretrained_model_name_or_path={model_path!r}: cannot load ({first})") from err
-    return DiffusionGRPOTrainer(pipeline, args, dataset, reward_stack, callbacks=[MetricsFileCallback()])
+    trainer_class = TRAINERS[args.trainer][1]
+    extra = {"target_concept": prompt_args.target_concept} if args.trainer == "refl" else {}
+    try:
+        return trainer_class(pipeline, args, dataset, reward_stack, callbacks=[MetricsFileCallback()], **extra)
+    except (OSError, ValueError) as err:
+        # Settings that only the loaded model or data can check (scheduler, differentiability, regulariser data).
+        raise ConfigError(str(err).strip().splitlines()[0]) from err
 
 
-def runtime_info(trainer: DiffusionGRPOTrainer) -> dict:
+def runtime_info(trainer: DiffusionTrainer) -> dict:
     return {
         "world_size": trainer.accelerator.num_processes,
         "distributed_type": str(trainer.accelerator.distributed_type),
@@ -201,7 +253,15 @@ def main(argv: list[str] | None = None) -> int:
         final = {k: v for k, v in trainer.state.log_history[-1].items()} if trainer.state.log_history else {}
         final.update(result.metrics)
         recipe = {**vars(model_args), **vars(prompt_args), "rewards": args.rewards}
-        write_model_card(output_dir, model_args.pretrained_model_name_or_path, recipe, args.rewards, final)
+        write_model_card(
+            output_dir,
+            model_args.pretrained_model_name_or_path,
+            recipe,
+            args.rewards,
+            final,
+            trainer_name=type(trainer).__name__,
+            method_tag=args.trainer,
+        )
         print(summary(trainer.state.log_history, output_dir))
     if args.push_to_hub:
         trainer.push_to_hub()

@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from rl_safety.sampling import ddim_std, ddim_step_with_logprob, gaussian_kl
+from rl_safety.sampling import ddim_std, ddim_step, ddim_step_with_logprob, gaussian_kl
 from rl_safety.tiny_pipeline import SD_SCHEDULER_CONFIG
 
 
@@ -26,6 +26,24 @@ def test_step_matches_diffusers(overrides, eta):
         ours = ddim_step_with_logprob(sched, model_output, t, sample, eta, noise=noise)
         ref = sched.step(model_output, t, sample, eta=eta, variance_noise=noise).prev_sample
         torch.testing.assert_close(ours.prev_sample, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"prediction_type": "v_prediction"}, {"prediction_type": "sample"}],
+    ids=["epsilon", "v_prediction", "sample"],
+)
+def test_deterministic_step_and_predicted_x0_match_diffusers(overrides):
+    """ReFL's path: eta = 0 steps and the predicted x0 its reward is computed on."""
+    sched = scheduler(**overrides)
+    g = torch.Generator().manual_seed(4)
+    for t in sched.timesteps:
+        sample, model_output = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(2))
+        ours = ddim_step(sched, model_output, t, sample, 0.0)
+        ref = sched.step(model_output, t, sample, eta=0.0)
+        torch.testing.assert_close(ours.prev_sample, ref.prev_sample, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.pred_original_sample, ref.pred_original_sample, rtol=1e-5, atol=1e-5)
+        assert ours.log_prob is None
 
 
 def test_log_prob_is_normal_density_mean_over_dims():

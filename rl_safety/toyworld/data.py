@@ -144,12 +144,14 @@ def make_dataset(
     spec: ToyWorldSpec = ToyWorldSpec(),
     synonym_rate: float = 0.3,
     exclude_colours: tuple[str, ...] = (),
+    exclude_shapes: tuple[str, ...] = (),
 ) -> dict:
     """Images, captions and labels. A caption names the colour by a training synonym with prob. `synonym_rate`."""
     generator = torch.Generator().manual_seed(seed)
     allowed = [i for i, c in enumerate(COLOURS) if c not in exclude_colours]
     colour_ids = torch.tensor(allowed)[torch.randint(len(allowed), (num_images,), generator=generator)]
-    shape_ids = torch.randint(len(SHAPES), (num_images,), generator=generator)
+    allowed = [i for i, s in enumerate(SHAPES) if s not in exclude_shapes]
+    shape_ids = torch.tensor(allowed)[torch.randint(len(allowed), (num_images,), generator=generator)]
     size_ids = torch.randint(len(SIZES), (num_images,), generator=generator)
     images, backgrounds = [], []
     for start in range(0, num_images, 1024):  # chunks bound the supersampled grid's memory

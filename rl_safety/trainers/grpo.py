@@ -10,30 +10,53 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import Trainer
-from trl.trainer.utils import RepeatSampler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from rl_safety.rewards import RewardStack
 
-from .advantages import group_advantages
+from ..advantages import group_advantages
+from ..sampling import ddim_std, ddim_step_with_logprob, gaussian_kl
+from .base import DiffusionTrainer, adapters_disabled
 from .grpo_config import DiffusionGRPOConfig
-from .pipelines import PromptEncoder, add_lora, load_lora_into, save_lora
-from .sampling import ddim_std, ddim_step_with_logprob, gaussian_kl
 
 
-def _collate(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return features
+def noiseless_step_error(scheduler: DDIMScheduler, eta: float) -> str | None:
+    """Why some step of the schedule has σ = 0 (no log-prob), naming the scheduler setting that causes it; or None."""
+    timesteps = scheduler.timesteps.cpu()
+    sigmas = ddim_std(scheduler, timesteps, eta)
+    if bool((sigmas > 0).all()):
+        return None
+    index = int((sigmas <= 0).nonzero()[0])
+    t = int(timesteps[index])
+    config = scheduler.config
+    if (
+        index == len(timesteps) - 1
+        and config.set_alpha_to_one
+        and t - scheduler.config.num_train_timesteps // len(timesteps) < 0
+        and t > 0
+    ):
+        return (
+            f"the scheduler's final step (t={t}) goes to alpha=1 (set_alpha_to_one=True), which is noiseless and has "
+            "no log-prob; load a scheduler config with set_alpha_to_one=false"
+        )
+    return (
+        f"step {index} of the schedule (t={t}) is noiseless and has no log-prob: with timestep_spacing="
+        f"{config.timestep_spacing!r} and steps_offset={config.steps_offset} the schedule reaches t=0, whose step "
+        "to the final alpha has zero variance; use timestep_spacing='leading' with steps_offset=1 (SD's own "
+        "scheduler config) or 'trailing'"
+    )
 
 
-class DiffusionGRPOTrainer(Trainer):
+class DiffusionGRPOTrainer(DiffusionTrainer):
     """Trains a LoRA adapter on `pipeline.unet` with GRPO. Only the adapter is trained and saved.
 
     Args:
@@ -53,41 +76,19 @@ class DiffusionGRPOTrainer(Trainer):
         reward_stack: RewardStack,
         callbacks=None,
     ):
-        unet = pipeline.unet
-        if not getattr(unet, "peft_config", None):
-            add_lora(unet, args.lora_rank, args.lora_alpha, args.lora_target_modules, seed=args.seed)
-        super().__init__(
-            model=unet, args=args, train_dataset=train_dataset, data_collator=_collate, callbacks=callbacks
-        )
-        device = self.accelerator.device
-        self.pipeline = pipeline
-        pipeline.vae.to(device)
-        pipeline.text_encoder.to(device)
-        self.reward_stack = reward_stack.to(device)
-        self.prompt_encoder = PromptEncoder(pipeline.tokenizer, pipeline.text_encoder)
-        self.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
-        self.scheduler.set_timesteps(args.num_inference_steps, device=device)
-        sigmas = ddim_std(self.scheduler, self.scheduler.timesteps.cpu(), args.eta)
-        if not bool((sigmas > 0).all()):
-            raise ValueError(
-                "the scheduler takes a noiseless final step (set_alpha_to_one=True), which has no log-prob; "
-                "load a scheduler config with set_alpha_to_one=false"
-            )
-        vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-        self.resolution = args.resolution or unet.config.sample_size * vae_scale
-        self.latent_shape = (unet.config.in_channels, self.resolution // vae_scale, self.resolution // vae_scale)
+        super().__init__(pipeline, args, train_dataset, reward_stack, callbacks=callbacks)
+        problem = noiseless_step_error(self.scheduler, args.eta)
+        if problem:
+            raise ValueError(problem)
         self.num_train_timesteps = max(1, int(args.num_inference_steps * args.timestep_fraction))
         self.num_generations = args.num_generations
         self.num_iterations = args.num_iterations
-        # TRL's rule: the policy cannot have moved since the rollout, so old log-probs equal the current ones.
-        self.policy_fixed_per_rollout = args.num_iterations == 1 and (
-            args.steps_per_generation <= args.gradient_accumulation_steps
-        )
-        self._step = 0
-        self._last_logged_step = 0
+        self.generate_every = args.steps_per_generation * args.num_iterations
+        # TRL's rule: when every rollout is used up within one optimizer step, the policy cannot have moved since
+        # it was drawn, so the old log-probs equal the current ones (the ratio is exactly 1).
+        self.policy_fixed_per_rollout = args.gradient_accumulation_steps % self.generate_every == 0
+        self._step: int | None = None  # micro-steps taken; set from global_step when training (re)starts
         self._buffered_inputs: list[dict[str, Any]] | None = None
-        self._metrics: dict[str, list[float]] = defaultdict(list)
-        self.model_accepts_loss_kwargs = False
 
     # ---- data -----------------------------------------------------------------------------------------------------
     def get_train_dataloader(self):
@@ -100,47 +101,14 @@ class DiffusionGRPOTrainer(Trainer):
         )
 
     def _get_train_sampler(self, dataset=None):
-        # Same seed on every process: the global rollout is identical everywhere and each process takes its slice,
-        # so a prompt's group may span processes (advantages are computed on gathered rewards).
-        return EpochSeededRepeatSampler(
-            data_source=dataset if dataset is not None else self.train_dataset,
+        # A prompt's group may span processes: advantages are computed on gathered rewards.
+        return self._prompt_sampler(
             mini_repeat_count=self.num_generations,
             batch_size=self.args.generation_batch_size // self.num_generations,
             repeat_count=self.num_iterations * self.args.steps_per_generation,
-            shuffle=True,
-            seed=self.args.seed,
         )
 
     # ---- sampling ---------------------------------------------------------------------------------------------------
-    def _guided_noise_pred(
-        self, model: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor
-    ) -> torch.Tensor:
-        """UNet prediction with classifier-free guidance, both branches in one batched call."""
-        timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
-        if self.args.guidance_scale == 1.0:
-            return model(latents, timesteps, encoder_hidden_states=cond).sample
-        uncond = self.prompt_encoder([self.args.negative_prompt]).expand_as(cond)
-        pred = model(
-            torch.cat([latents, latents]),
-            torch.cat([timesteps, timesteps]),
-            encoder_hidden_states=torch.cat([uncond, cond]),
-        ).sample
-        pred_uncond, pred_cond = pred.chunk(2)
-        return pred_uncond + self.args.guidance_scale * (pred_cond - pred_uncond)
-
-    @torch.no_grad()
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1)
-
-    def _global_randn(self, batch: int, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-        """This process's rows of a normal draw made for the whole global rollout: every process consumes the same
-        random stream, so the samples do not depend on how the rollout is split across processes."""
-        rank = self.accelerator.process_index
-        noise = torch.randn((batch * self.accelerator.num_processes, *shape), generator=generator)
-        return noise[rank * batch : (rank + 1) * batch].to(self.accelerator.device)
-
     def _initial_noise(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """x_T; with `same_initial_noise_per_group`, images of a group (possibly on several processes) share it."""
         if not self.args.same_initial_noise_per_group:
@@ -181,8 +149,10 @@ class DiffusionGRPOTrainer(Trainer):
         prompts = [row["prompt"] for row in generation_batch]
         tags = [row["tag"] for row in generation_batch]
         batch = len(prompts)
-        # Seeded from the optimizer step, so a resumed run draws the same noise as an uninterrupted one.
-        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + self.state.global_step)
+        # Seeded from the rollout's index (a function of the micro-step, restored on resume), so several rollouts
+        # within one optimizer step draw different noise and a resumed run draws what an uninterrupted one would.
+        rollout_index = self._step // self.generate_every
+        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + rollout_index)
         cond = self.prompt_encoder(prompts)
         model = self.model_wrapped
         was_training = model.training
@@ -230,8 +200,11 @@ class DiffusionGRPOTrainer(Trainer):
         }
 
     def _prepare_inputs(self, generation_batch: list[dict[str, Any]]) -> dict[str, Any]:
-        generate_every = self.args.steps_per_generation * self.num_iterations
-        if self._step % generate_every == 0 or self._buffered_inputs is None:
+        if self._step is None:
+            # Training starts or resumes at a rollout boundary (checkpoints are saved after optimizer steps, and a
+            # rollout never spans an optimizer step unless it is reused within the next ones: see generate_every).
+            self._step = self.state.global_step * self.args.gradient_accumulation_steps
+        if self._step % self.generate_every == 0 or self._buffered_inputs is None:
             rollout = self._generate_and_score_completions(generation_batch)
             self._buffered_inputs = _split(rollout, self.args.steps_per_generation)
         return self._buffered_inputs[self._step % self.args.steps_per_generation]
@@ -261,7 +234,7 @@ class DiffusionGRPOTrainer(Trainer):
         loss = torch.maximum(-advantages * ratio, -advantages * clipped).mean()
 
         if args.beta > 0:
-            with torch.no_grad(), _adapters_disabled(self.accelerator.unwrap_model(model)):
+            with torch.no_grad(), adapters_disabled(self.accelerator.unwrap_model(model)):
                 ref_pred = self._guided_noise_pred(model, x_t, timesteps, cond)
             ref = ddim_step_with_logprob(self.scheduler, ref_pred, timesteps, x_t, args.eta, prev_sample=x_prev)
             kl = gaussian_kl(step.mean, ref.mean, step.std).mean()
@@ -303,52 +276,37 @@ class DiffusionGRPOTrainer(Trainer):
         self._step += 1
         return total
 
-    # ---- logging and saving -----------------------------------------------------------------------------------------
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        metrics = {key: sum(values) / len(values) for key, values in self._metrics.items() if values}
-        # Times are seconds per optimizer step: what the logging window spent, over the steps it holds.
-        steps = max(1, self.state.global_step - self._last_logged_step)
-        for key in ("time/sampling", "time/reward", "time/update", "time/step"):
-            if self._metrics.get(key):
-                metrics[key] = sum(self._metrics[key]) / steps
-        self._last_logged_step = self.state.global_step
-        logs.update(metrics)
-        super().log(logs, start_time)
-        self._metrics.clear()
+    # ---- checkpoints: a rollout still in use is part of the state ------------------------------------------------
+    def _buffer_path(self, checkpoint: str) -> Path:
+        return Path(checkpoint) / f"rollout_buffer-rank{self.accelerator.process_index}.safetensors"
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if not self.args.should_save:
-            return
-        save_lora(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir, state_dict)
+    def _save_checkpoint(self, model, trial) -> None:
+        # With num_iterations > 1 (or rollouts spanning optimizer steps) a checkpoint can fall inside a rollout's
+        # reuse; it cannot be re-sampled on resume (the policy that drew it is gone), so it is saved. Written before
+        # trainer_state.json, which Trainer writes last: a checkpoint that has its state has its buffer.
+        if self._step is not None and self._step % self.generate_every and self._buffered_inputs is not None:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            flat = {
+                f"{i}.{k}": v.contiguous() for i, part in enumerate(self._buffered_inputs) for k, v in part.items()
+            }
+            save_file(flat, self._buffer_path(folder))
+        super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        load_lora_into(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
-
-    def create_model_card(self, *args, **kwargs) -> None:
-        """The card is written by the train script, which knows the recipe and rewards (see `outputs.py`)."""
-
-
-class EpochSeededRepeatSampler(RepeatSampler):
-    """TRL's RepeatSampler with a shuffle that depends only on (seed, epoch): the Trainer calls `set_epoch`, so a
-    resumed run replays exactly the prompts an uninterrupted one would have seen."""
-
-    def set_epoch(self, epoch: int) -> None:
-        self.generator.manual_seed(self.seed + epoch)
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = self._buffer_path(resume_from_checkpoint)
+        if path.is_file():
+            parts: dict[int, dict[str, torch.Tensor]] = {}
+            for key, value in load_file(path, device=str(self.accelerator.device)).items():
+                index, name = key.split(".", 1)
+                parts.setdefault(int(index), {})[name] = value
+            self._buffered_inputs = [parts[i] for i in sorted(parts)]
 
 
 def _split(rollout: dict[str, Any], parts: int) -> list[dict[str, Any]]:
     size = rollout["advantages"].shape[0] // parts
     return [{k: v[i * size : (i + 1) * size] for k, v in rollout.items()} for i in range(parts)]
-
-
-@contextlib.contextmanager
-def _adapters_disabled(unet: torch.nn.Module):
-    """The base model = the UNet with its LoRA adapter switched off (no second UNet in memory)."""
-    unet.disable_adapters()
-    try:
-        yield
-    finally:
-        unet.enable_adapters()
 
 
 __all__: Sequence[str] = ["DiffusionGRPOTrainer"]

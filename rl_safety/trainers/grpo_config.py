@@ -1,17 +1,15 @@
-"""Configuration of the diffusion GRPO trainer: `transformers.TrainingArguments` plus GRPO and diffusion fields."""
+"""Configuration of the diffusion GRPO trainer: the shared diffusion fields plus GRPO's (TRL names and meanings)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-from transformers import TrainingArguments
-
-from .advantages import SCALE_CHOICES
+from ..advantages import SCALE_CHOICES
+from .base_config import DiffusionTrainingConfig
 
 
 @dataclass
-class DiffusionGRPOConfig(TrainingArguments):
+class DiffusionGRPOConfig(DiffusionTrainingConfig):
     r"""GRPO for text-to-image diffusion with LoRA adapters.
 
     Field names follow TRL's `GRPOConfig` where the meaning is the same. A "completion" is one image trajectory;
@@ -19,24 +17,7 @@ class DiffusionGRPOConfig(TrainingArguments):
     `per_device_train_batch_size × gradient_accumulation_steps` images per device.
     """
 
-    # Defaults that differ from TrainingArguments.
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate for the LoRA weights."})
-    per_device_train_batch_size: int = field(
-        default=4, metadata={"help": "Images (trajectories) per device in each micro-batch of the update."}
-    )
-    logging_steps: float = field(default=1, metadata={"help": "Log every N optimizer steps."})
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Kept False: the trainer needs the prompt and tag columns."}
-    )
-    dataloader_pin_memory: bool = field(
-        default=False, metadata={"help": "Kept False: the dataloader yields prompt strings, nothing to pin."}
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Allow writing into an output_dir that already holds a run (otherwise refused)."},
-    )
-
-    # GRPO (TRL names and meanings).
+    trainer: str = field(default="grpo", metadata={"help": "Which trainer runs the recipe: 'grpo' or 'refl'."})
     num_generations: int = field(
         default=4, metadata={"help": "Images sampled per prompt (the group); must be ≥ 2 and divide the global batch."}
     )
@@ -65,66 +46,27 @@ class DiffusionGRPOConfig(TrainingArguments):
             "choices": list(SCALE_CHOICES),
         },
     )
-    rewards: list[dict[str, Any]] = field(
-        default_factory=list,
-        metadata={
-            "help": "Reward modules: a list of {name, weight, args, alias}. On the command line, JSON objects: "
-            '--rewards \'{"name": "jpeg_incompressibility"}\'.'
-        },
-    )
-    reward_weights: list[float] | None = field(
-        default=None,
-        metadata={"help": "Weights of the rewards, in order; overrides each entry's `weight` when given."},
-    )
     adv_clip_max: float = field(
         default=5.0, metadata={"help": "Advantages are clipped to [-adv_clip_max, adv_clip_max]."}
     )
-
-    eval_config: str | None = field(
-        default=None,
-        metadata={
-            "help": "An evaluation recipe (e.g. recipes/toyworld/eval.yaml) run on the base model and the trained "
-            "adapter when training ends; the report goes to OUTPUT_DIR/eval and the before/after table is printed."
-        },
-    )
-
-    # Diffusion sampling.
-    num_inference_steps: int = field(default=10, metadata={"help": "DDIM steps per sampled trajectory."})
     eta: float = field(
         default=1.0, metadata={"help": "DDIM stochasticity (> 0: the policy needs noise to have a log-prob)."}
-    )
-    guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale (1 disables CFG)."})
-    negative_prompt: str = field(default="", metadata={"help": "Prompt of the unconditional CFG branch."})
-    resolution: int | None = field(
-        default=None, metadata={"help": "Image height and width in pixels. Default: the UNet's native size."}
     )
     timestep_fraction: float = field(
         default=1.0,
         metadata={"help": "Fraction of each trajectory's denoising steps trained on (sampled per image)."},
-    )
-    sample_batch_size: int | None = field(
-        default=None,
-        metadata={"help": "Images per UNet call while sampling. Default: the whole per-device rollout at once."},
     )
     same_initial_noise_per_group: bool = field(
         default=True,
         metadata={"help": "Start all images of a prompt's group from the same x_T (DanceGRPO / SafeDiffusion-R1)."},
     )
 
-    # LoRA.
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
-    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha. Default: lora_rank (scale 1)."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
-        metadata={"help": "UNet module names the adapter wraps."},
-    )
+    trainer_name = "grpo"
 
     def __post_init__(self):
         super().__post_init__()
-        if self.lora_alpha is None:
-            self.lora_alpha = float(self.lora_rank)
         self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
-        checks = [
+        self.check(
             (self.num_generations >= 2, "num_generations", "must be ≥ 2 (a group needs at least two images)"),
             (self.num_iterations >= 1, "num_iterations", "must be ≥ 1"),
             (self.eta > 0, "eta", "must be > 0 (a deterministic step has no log-prob)"),
@@ -132,17 +74,11 @@ class DiffusionGRPOConfig(TrainingArguments):
             (self.epsilon > 0, "epsilon", "must be > 0"),
             (self.beta >= 0, "beta", "must be ≥ 0"),
             (self.adv_clip_max > 0, "adv_clip_max", "must be > 0"),
-            (self.num_inference_steps >= 1, "num_inference_steps", "must be ≥ 1"),
-            (self.lora_rank >= 1, "lora_rank", "must be ≥ 1"),
             (self.scale_rewards in SCALE_CHOICES, "scale_rewards", f"must be one of {', '.join(SCALE_CHOICES)}"),
-            (self.resolution is None or self.resolution % 8 == 0, "resolution", "must be a multiple of 8"),
-            (self.sample_batch_size is None or self.sample_batch_size >= 1, "sample_batch_size", "must be ≥ 1"),
-        ]
-        for ok, name, rule in checks:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r}: {rule}")
+        )
         if self.steps_per_generation is None:
             self.steps_per_generation = self.gradient_accumulation_steps
+        self.check((self.steps_per_generation >= 1, "steps_per_generation", "must be ≥ 1"))
         self.generation_batch_size = self.per_device_train_batch_size * self.world_size * self.steps_per_generation
         if self.generation_batch_size % self.num_generations:
             raise ValueError(

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from diffusers.utils import logging as diffusers_logging
 
 from rl_safety.outputs import atomic_write_text
 from rl_safety.prompts import read_prompt_file
@@ -123,6 +124,7 @@ def main() -> int:
     parser.add_argument("--skip_training", action="store_true", help="only re-read finished runs")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder": UNet-only adapters
     out = Path(args.output_dir)
     rows = []
     for trainer in args.trainers:

@@ -67,3 +67,23 @@ def test_a_bad_eval_config_fails_before_training(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("rl-safety train: error: eval_config=") and "cannot read the recipe" in err, err
     assert "\n" not in err and not out.exists()  # nothing was trained or written
+
+
+@pytest.mark.slow
+def test_short_refl_run_erases_red_against_the_untrained_model(tmp_path, monkeypatch):
+    """The ReFL recipe, 10 steps: the paired evaluation's base model is the same seed's untrained baseline."""
+    monkeypatch.chdir(REPO)
+    eval_recipe = yaml.safe_load((REPO / "recipes/toyworld/eval.yaml").read_text())
+    eval_recipe.update(num_inference_steps=10, seeds=[1000], device="cpu")
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(eval_recipe))
+    out = tmp_path / "refl-red"
+    recipe = str(REPO / "recipes/toyworld/refl_erase_red.yaml")
+    argv = ["--config", recipe, "--output_dir", str(out), "--max_steps", "10", "--save_steps", "100"]
+    assert cli([*argv, "--eval_config", str(tmp_path / "eval.yaml")]) == 0
+    models = json.loads((out / "eval" / "report.json").read_text())["models"]
+    base, adapter = models["base"], models["refl-red"]
+    assert base["target_rate"]["value"] >= 0.9
+    assert adapter["target_rate"]["value"] <= 0.2, adapter
+    assert adapter["preservation_accuracy"]["value"] >= base["preservation_accuracy"]["value"] - 0.05
+    # The judge and the reward's own classifier agree: no reward hacking.
+    assert abs(adapter["reward_classifier_target_rate"]["value"] - adapter["target_rate"]["value"]) <= 0.1

@@ -49,7 +49,8 @@ class ReFLConfig(DiffusionTrainingConfig):
             "help": "Image–caption pairs for the pre-training regulariser (the ordinary denoising loss): a `datasets` "
             "Hub id, a local image folder (imagefolder layout with a metadata.jsonl/csv of captions), a local "
             ".csv/.jsonl/.json/.parquet file whose image column holds paths relative to it, or 'toyworld' (the toy "
-            "world's generator, without images of target_concept). None: no regulariser."
+            "world's generator, without images of target_concept). None (or 'none' on the command line): no "
+            "regulariser."
         },
     )
     pretrain_split: str = field(default="train", metadata={"help": "Split of pretrain_dataset."})
@@ -76,6 +77,8 @@ class ReFLConfig(DiffusionTrainingConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if str(self.pretrain_dataset).lower() in ("", "none", "null"):
+            self.pretrain_dataset = None  # `--pretrain_dataset none` turns a recipe's regulariser off
         window = self.grad_step_window
         self.check(
             (

@@ -22,7 +22,7 @@ from ..outputs import CONFIG_NAME, METRICS_NAME, atomic_write_text, holds_previo
 from ..recipe_parser import ConfigError, RecipeParser
 from .config import ClassifierConfig
 from .data import DataError, ImageData, load_data
-from .evaluate import evaluate_robustness, write_reports
+from .evaluate import autoattack_name, evaluate_robustness, write_reports
 from .models import PATHS, architecture_args, build_model
 from .trainer import ClassifierTrainer
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             **report,
             "attacks": {
                 "pgd": f"torchattacks.PGD, {config.eval_pgd_steps} steps of epsilon/4, random start",
-                "autoattack": "torchattacks.AutoAttack(norm='Linf', version='standard')"
+                "autoattack": autoattack_name(min(len(n) for n in data.class_names.values()))
                 if config.autoattack
                 else None,
             },

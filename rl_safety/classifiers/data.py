@@ -91,12 +91,12 @@ def _load_folder(root: Path, image_size: int | None) -> tuple[Split, list[str]]:
                 labels.append(label)
     if not images:
         raise DataError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class sub-folders")
-    return _stack(images, str(root)), classes
+    return Split(_stack(images, str(root)), torch.tensor(labels).long()), classes
 
 
 def _as_nchw(array: np.ndarray) -> torch.Tensor:
     array = array[..., None] if array.ndim == 2 else array
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None]
+    return torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1)[None]  # PIL's arrays are read-only
 
 
 def _stack(images: list[torch.Tensor], where: str) -> torch.Tensor:

@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> ClassifierConfig:
     (config,) = RecipeParser((ClassifierConfig,), prog=PROG).parse(argv)
     if not config.data:
         raise ConfigError("data is required: an .npz file, an image folder, a `datasets` id or toyworld")
+    # One recipe serves every method: `--method pgd_at` also moves output_dir when it names {method}.
+    config.output_dir = config.output_dir.replace("{method}", config.method)
     return config
 
 
@@ -47,6 +49,22 @@ def check_data(config: ClassifierConfig, data: ImageData) -> None:
         raise ConfigError(f"data={config.data!r} has colour and shape labels: use architecture: toyworld")
     if config.architecture == "toyworld" and (data.channels != 3 or data.train.x.shape[-1] != 32):
         raise ConfigError("architecture=toyworld expects 3-channel 32 px images")
+
+
+def load_initial_weights(model: torch.nn.Module, checkpoint: str) -> None:
+    """Load `init_checkpoint` (a safetensors file or a folder with model.safetensors) into `model`."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint).expanduser()
+    path = path / CHECKPOINT_NAME if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"init_checkpoint={checkpoint!r}: no {CHECKPOINT_NAME} there")
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except Exception as err:  # safetensors and load_state_dict fail their own ways: one line either way
+        raise ConfigError(
+            f"init_checkpoint={checkpoint!r} does not fit the architecture ({' '.join(str(err).split())[:200]})"
+        ) from err
 
 
 def save_checkpoint(
@@ -85,11 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as err:
         raise ConfigError(f"data: {str(err).splitlines()[0]}") from err
     check_data(config, data)
+    if config.dyart_heads is not None and not set(config.dyart_heads) <= {str(h) for h in data.heads}:
+        raise ConfigError(f"dyart_heads={config.dyart_heads}: the model's heads are {[str(h) for h in data.heads]}")
     accelerator = Accelerator()
     set_seed(config.seed)
     num_classes = len(data.class_names[data.heads[0]])
     args = architecture_args(config.architecture, num_classes, data.channels, config.width, None, None)
     model = build_model(config.architecture, args)
+    if config.init_checkpoint:
+        load_initial_weights(model, config.init_checkpoint)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / METRICS_NAME).unlink(missing_ok=True)
@@ -122,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         report = evaluate_robustness(
             averaged, x, y, data.class_names, config.epsilon, config.epsilons, config.eval_pgd_steps,
-            config.autoattack, config.eval_batch_size, config.seed,
+            config.autoattack, config.eval_batch_size, config.seed, config.autoattack_epsilons,
         )  # fmt: skip
         report = {
             "method": config.method,

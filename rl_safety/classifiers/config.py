@@ -48,6 +48,13 @@ class ClassifierConfig:
     width: int | None = field(
         default=None, metadata={"help": "Width: small_cnn/toyworld channels (32), wrn28_10 widen factor (10)."}
     )
+    init_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start from these weights (a model.safetensors, or a folder holding one), e.g. a clean-trained "
+            "classifier as DyART's burn-in (the paper's code trains clean first, then resumes)."
+        },
+    )
     epsilon: float = field(
         default=8 / 255, metadata={"help": "L∞ radius of PGD-AT/TRADES and of the evaluation; DyART's scale."}
     )
@@ -64,6 +71,10 @@ class ClassifierConfig:
     )
     burn_in_epochs: int = field(
         default=10, metadata={"help": "DyART only: clean cross-entropy epochs before the margin term starts."}
+    )
+    dyart_heads: list[str] | None = field(
+        default=None,
+        metadata={"help": "Multi-head models: the heads DyART makes robust (others get cross-entropy). Default: all."},
     )
     dyart_beta: float = field(default=5.0, metadata={"help": "Temperature β of the soft margin φ."})
     dyart_lambda: float = field(default=1000.0, metadata={"help": "Weight λ of the margin term."})
@@ -87,6 +98,12 @@ class ClassifierConfig:
         default=None,
         metadata={"help": "Radii of the robust-accuracy curve. Default: [epsilon/2, epsilon, 3·epsilon/2]."},
     )
+    autoattack_epsilons: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Radii AutoAttack runs at (the slow attack; PGD covers every eval_epsilons). Default: [epsilon]."
+        },
+    )
     eval_samples: int | None = field(
         default=1000, metadata={"help": "Evaluation images attacked (the first N of the eval set); null: all."}
     )
@@ -97,7 +114,10 @@ class ClassifierConfig:
     eval_batch_size: int = field(default=256, metadata={"help": "Images per attack batch."})
     seed: int = field(default=0, metadata={"help": "Seed of initialisation, shuffling, split and attacks."})
     logging_steps: int = field(default=10, metadata={"help": "Log training metrics every N steps."})
-    output_dir: str = field(default="runs/classifier", metadata={"help": "Where the checkpoint and reports go."})
+    output_dir: str = field(
+        default="runs/classifier",
+        metadata={"help": "Where the checkpoint and reports go; {method} is replaced by the method."},
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow replacing an output_dir that already holds a run."}
     )
@@ -136,6 +156,8 @@ class ClassifierConfig:
             raise ValueError(f"eval_samples={self.eval_samples}: expected >= 1, or null for the whole eval set")
         if self.eval_epsilons is not None and not all(0 < e < 1 for e in self.eval_epsilons):
             raise ValueError(f"eval_epsilons={self.eval_epsilons}: each must be in (0, 1)")
+        if self.autoattack_epsilons is not None and not all(0 < e < 1 for e in self.autoattack_epsilons):
+            raise ValueError(f"autoattack_epsilons={self.autoattack_epsilons}: each must be in (0, 1)")
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"image_size={self.image_size}: expected a positive size")
 

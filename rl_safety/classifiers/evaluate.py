@@ -100,6 +100,7 @@ def evaluate_robustness(
     autoattack: bool = True,
     batch_size: int = 256,
     seed: int = 0,
+    autoattack_epsilons: list[float] | None = None,
 ) -> dict:
     """report.json's metrics: clean, PGD and AutoAttack accuracy at `epsilon`, a curve over `epsilons`, and per head
     for multi-head models (the top-level numbers are then the mean over heads)."""
@@ -107,8 +108,11 @@ def evaluate_robustness(
     heads = list(class_names)
     # The configured ε joins the curve; a listed radius within 1e-4 of it (0.0314 vs 8/255) is the same point.
     epsilons = sorted({epsilon, *(e for e in epsilons if abs(e - epsilon) > 1e-4)})
+    aa_at = [epsilon] if autoattack_epsilons is None else autoattack_epsilons
+    epsilons = sorted({*epsilons, *(e for e in aa_at if all(abs(e - f) > 1e-4 for f in epsilons))})
+    run_aa = {e: autoattack and any(abs(e - a) <= 1e-4 for a in aa_at) for e in epsilons}
     per_head: dict[str, dict] = {}
-    progress = tqdm(total=len(heads) * len(epsilons) * (2 if autoattack else 1), desc="attacks")
+    progress = tqdm(total=len(heads) * (len(epsilons) + sum(run_aa.values())), desc="attacks")
     for index, head in enumerate(heads):
         labels = y if y.dim() == 1 else y[:, index]
         wrapped = HeadSelect(model, head).eval()
@@ -119,7 +123,7 @@ def evaluate_robustness(
                 wrapped, x, labels, "pgd", eps, len(class_names[head]), pgd_steps, batch_size, seed
             )
             progress.update()
-            if autoattack:
+            if run_aa[eps]:
                 point["autoattack_accuracy"] = attack_accuracy(
                     wrapped, x, labels, "autoattack", eps, len(class_names[head]), pgd_steps, batch_size, seed
                 )

@@ -74,8 +74,13 @@ class ClassifierTrainer:
         c = self.config
         boundary, weights = [], []
         self.raw.eval()
+        robust = [h for h in self.heads if c.dyart_heads is None or h in c.dyart_heads]
         for index, head in enumerate(self.heads):
             labels = y if y.dim() == 1 else y[:, index]
+            if head not in robust:  # cross-entropy only: a zero weight drops the margin term
+                boundary.append(x)
+                weights.append(torch.zeros(len(x), device=x.device))
+                continue
             model = HeadSelect(self.raw, head)
             search = closest_boundary_point(
                 model,

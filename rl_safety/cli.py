@@ -9,6 +9,7 @@ USAGE = """usage: rl-safety <command> [args]
 
 commands:
   train          train a LoRA adapter with diffusion GRPO from a recipe (--config recipes/....yaml)
+  classifier     train a (robust) image classifier: DyART, PGD-AT, TRADES or standard; AutoAttack report
   eval           evaluate erasure in the toy world: base and adapters, report.json + report.html
   score          score image files with a reward (--reward NAME --prompt TEXT IMAGE...)
   toyworld       build the toy world's models and prompt sets (classifier, pretrain, clip, prompts, quality)
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         from .train import cli
 
         return cli(rest)
+    if command == "classifier":
+        from .classifiers.cli import cli as classifier
+
+        return classifier(rest)
     if command == "eval":
         from .toyworld.evaluate import cli as evaluate
 
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return toyworld(rest)
     if command == "tiny-pipeline":
         return tiny_pipeline(rest)
-    valid = "train, eval, score, toyworld, tiny-pipeline"
+    valid = "train, classifier, eval, score, toyworld, tiny-pipeline"
     print(f"rl-safety: error: unknown command {command!r}; valid commands: {valid}", file=sys.stderr)
     return 2
 

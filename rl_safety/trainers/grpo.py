@@ -38,12 +38,8 @@ def noiseless_step_error(scheduler: DDIMScheduler, eta: float) -> str | None:
     index = int((sigmas <= 0).nonzero()[0])
     t = int(timesteps[index])
     config = scheduler.config
-    if (
-        index == len(timesteps) - 1
-        and config.set_alpha_to_one
-        and t - scheduler.config.num_train_timesteps // len(timesteps) < 0
-        and t > 0
-    ):
+    # At t > 0 a step is noiseless only when it lands on alpha = 1, which only set_alpha_to_one produces.
+    if t > 0 and config.set_alpha_to_one:
         return (
             f"the scheduler's final step (t={t}) goes to alpha=1 (set_alpha_to_one=True), which is noiseless and has "
             "no log-prob; load a scheduler config with set_alpha_to_one=false"

@@ -92,6 +92,7 @@ class ReFLTrainer(DiffusionTrainer):
             )
         self.pretrain_data = pretrain_data
         self.grad_steps = torch.tensor(args.grad_steps())
+        self._accumulated = 0  # micro-batches of the current optimizer step done so far (seeds each micro-step)
 
     # ---- data -----------------------------------------------------------------------------------------------------
     def _get_train_sampler(self, dataset=None):
@@ -190,8 +191,6 @@ class ReFLTrainer(DiffusionTrainer):
         self._metrics["time/step"].append(time.perf_counter() - start)
         self._accumulated = (self._accumulated + 1) % self.args.gradient_accumulation_steps
         return loss.detach()
-
-    _accumulated = 0  # micro-batches of the current optimizer step done so far
 
 
 def check_differentiable(reward_stack: RewardStack) -> None:

@@ -10,6 +10,7 @@ USAGE = """usage: rl-safety <command> [args]
 commands:
   train          train a LoRA adapter with diffusion GRPO from a recipe (--config recipes/....yaml)
   classifier     train a (robust) image classifier: DyART, PGD-AT, TRADES or standard; AutoAttack report
+  attack         PGD on text embeddings against a model or adapter: attack success rate, report.json + html
   eval           evaluate erasure in the toy world: base and adapters, report.json + report.html
   score          score image files with a reward (--reward NAME --prompt TEXT IMAGE...)
   toyworld       build the toy world's models and prompt sets (classifier, pretrain, clip, prompts, quality)
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         from .classifiers.cli import cli as classifier
 
         return classifier(rest)
+    if command == "attack":
+        from .attack.run import cli as attack
+
+        return attack(rest)
     if command == "eval":
         from .toyworld.evaluate import cli as evaluate
 
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return toyworld(rest)
     if command == "tiny-pipeline":
         return tiny_pipeline(rest)
-    valid = "train, classifier, eval, score, toyworld, tiny-pipeline"
+    valid = "train, classifier, attack, eval, score, toyworld, tiny-pipeline"
     print(f"rl-safety: error: unknown command {command!r}; valid commands: {valid}", file=sys.stderr)
     return 2
 

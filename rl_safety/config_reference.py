@@ -9,6 +9,7 @@ import dataclasses
 
 from transformers import TrainingArguments
 
+from .attack.config import AttackConfig
 from .model_config import ModelArguments
 from .prompt_config import PromptArguments
 from .toyworld.eval_config import ToyWorldEvalConfig
@@ -59,6 +60,7 @@ def reference() -> str:
             DiffusionTrainingConfig,
         ),
         ("Evaluation (`ToyWorldEvalConfig`, read by `rl-safety eval`)", ToyWorldEvalConfig, False, TrainingArguments),
+        ("Attack (`AttackConfig`, read by `rl-safety attack`)", AttackConfig, False, TrainingArguments),
     ):
         rows = _rows(cls, own_only, parent)
         parts += [f"**{title}**", "", "| field | default | meaning |", "|---|---|---|", *rows, ""]

@@ -101,7 +101,8 @@ def write_report(
             f"<tr><td>{esc(metric)}</td>{''.join(cells)}<td class='n'>{count}</td><td>{esc(meaning)}</td></tr>"
         )
     parts.append("</table>")
-    parts.append(f"<p>Settings: <code>{esc(json.dumps(report['settings']))}</code></p>")
+    settings = report.get("settings", report.get("protocol", {}))
+    parts.append(f"<p>Settings: <code>{esc(json.dumps(settings))}</code></p>")
     parts.append("<h2>Samples (first seed; the same initial noise for every model)</h2>")
     for set_name, prompts in prompt_sets.items():
         if not prompts:

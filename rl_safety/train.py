@@ -156,6 +156,11 @@ def build_trainer(
         dataset = load_prompts(prompt_args)
     except (OSError, ValueError) as err:
         raise ConfigError(str(err).splitlines()[0]) from err
+    if args.adv_train and args.adv_prompts_tag not in set(dataset["tag"]):
+        raise ConfigError(
+            f"adv_prompts_tag={args.adv_prompts_tag!r}: no train prompt has that tag, so adv_train has nothing to "
+            f"attack; tags present: {', '.join(sorted(set(dataset['tag'])))}"
+        )
     if not args.rewards:
         raise ConfigError("rewards: empty; add at least one, e.g. rewards: [{name: jpeg_incompressibility}]")
     try:

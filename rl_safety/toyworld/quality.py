@@ -32,10 +32,13 @@ def generate(
     guidance_scale: float = 4.0,
     eta: float = 0.0,
     batch_size: int = 256,
+    prompt_embeds: torch.Tensor | None = None,
+    output_type: str = "pt",
 ) -> torch.Tensor:
     """(len(seeds) * len(prompts), 3, H, W) images in [0, 1], seed-major. An image's initial noise depends on the seed
     and the prompt's position in the set only, so two models given the same call draw paired images; with eta > 0
-    the later noise also depends on `batch_size`."""
+    the later noise also depends on `batch_size`. `prompt_embeds` (one row per prompt) replaces the text encoder's
+    output (an attack's embeddings); `output_type="latent"` returns the final latents instead of images."""
     unet = pipe.unet
     size = unet.config.sample_size
     images = []
@@ -44,14 +47,17 @@ def generate(
         latents = torch.randn(len(prompts), unet.config.in_channels, size, size, generator=generator)
         for start in range(0, len(prompts), batch_size):
             part = slice(start, start + batch_size)
+            text = {"prompt": list(prompts[part])}
+            if prompt_embeds is not None:
+                text = {"prompt_embeds": prompt_embeds[part].to(pipe.device, unet.dtype)}
             out = pipe(
-                list(prompts[part]),
+                **text,
                 latents=latents[part].to(pipe.device, unet.dtype),
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 eta=eta,
                 generator=generator,
-                output_type="pt",
+                output_type=output_type,
             ).images
             images.append(out.float().cpu())
     return torch.cat(images)

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.trainer.utils import RepeatSampler
 
 from rl_safety.rewards import RewardStack
 
+from ..attack.pool import AdversarialPool
 from ..pipelines import PromptEncoder, add_lora, load_lora_into, save_lora
+from ..sampling import ddim_step
 from .base_config import DiffusionTrainingConfig
 
 
@@ -71,6 +76,72 @@ class DiffusionTrainer(Trainer):
         self._last_logged_step = 0
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self.model_accepts_loss_kwargs = False
+        self.adversarial_pool = self._build_adversarial_pool() if args.adv_train else None
+
+    # ---- adversarial training (RACE) --------------------------------------------------------------------------------
+    def _build_adversarial_pool(self) -> AdversarialPool:
+        args = self.args
+        prompts = sorted({row["prompt"] for row in self.train_dataset if row["tag"] == args.adv_prompts_tag})
+        if not prompts:
+            raise ValueError(
+                f"adv_prompts_tag={args.adv_prompts_tag!r}: no train prompt has that tag, so adv_train has nothing "
+                "to attack; tag the concept prompts (e.g. a file named unsafe.txt) or set adv_prompts_tag"
+            )
+        clean = self.prompt_encoder(prompts).float()
+        latents = self._concept_latents(clean, args.adv_num_concept_images, torch.Generator().manual_seed(args.seed))
+        return AdversarialPool(
+            prompts,
+            clean,
+            latents,
+            epsilon=args.adv_epsilon,
+            step_size=args.pgd_step_size,
+            num_steps=args.pgd_num_step,
+            objective=args.adv_objective,
+            refresh_steps=args.adv_refresh_steps,
+            share=args.adv_share,
+            seed=args.seed,
+        )
+
+    @torch.no_grad()
+    def _concept_latents(self, cond: torch.Tensor, per_prompt: int, generator: torch.Generator) -> torch.Tensor:
+        """(P, K, C, h, w) final latents the base model draws for each prompt (deterministic DDIM, recipe's CFG)."""
+        unet = self.accelerator.unwrap_model(self.model)
+        prompts = cond.shape[0]
+        cond = cond.repeat(per_prompt, 1, 1)
+        noise = torch.randn((len(cond), *self.latent_shape), generator=generator) * self.scheduler.init_noise_sigma
+        chunk = self.args.sample_batch_size or len(cond)
+        finals = []
+        with adapters_disabled(unet):
+            for start in range(0, len(cond), chunk):
+                latents = noise[start : start + chunk].to(self.accelerator.device)
+                part = cond[start : start + chunk]
+                for t in self.scheduler.timesteps:
+                    pred = self._guided_noise_pred(unet, latents, t, part)
+                    latents = ddim_step(self.scheduler, pred, t, latents, 0.0).prev_sample
+                finals.append(latents)
+        latents = torch.cat(finals)
+        return latents.view(per_prompt, prompts, *latents.shape[1:]).transpose(0, 1).contiguous()
+
+    def _adversarial_condition(
+        self, prompts: list[str], tags: list[str], cond: torch.Tensor
+    ) -> tuple[torch.Tensor, list[str]]:
+        """With `adv_train`: refresh the pool when due, then swap the chosen rows to their adversarial embeddings."""
+        pool = self.adversarial_pool
+        if pool is None:
+            return cond, tags
+        step = self.state.global_step
+        if pool.due(step):
+            unet = self.accelerator.unwrap_model(self.model)
+            was_training = unet.training
+            unet.eval()
+            pool.refresh(unet, self.scheduler, step, lambda: adapters_disabled(unet))
+            unet.train(was_training)
+            if self.accelerator.num_processes > 1:
+                pool.embeddings = broadcast(pool.embeddings.contiguous(), from_process=0)
+            self._metrics["adversarial/attack_loss"].append(pool.last_loss)
+        cond, tags = pool.apply(prompts, tags, cond, step)
+        self._metrics["adversarial/share"].append(sum(t == "adversarial" for t in tags) / max(1, len(tags)))
+        return cond, tags
 
     # ---- data -------------------------------------------------------------------------------------------------------
     def _prompt_sampler(self, mini_repeat_count: int, batch_size: int, repeat_count: int) -> RepeatSampler:
@@ -139,6 +210,17 @@ class DiffusionTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         load_lora_into(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+        if self.adversarial_pool is not None:
+            self.adversarial_pool.load(resume_from_checkpoint)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # The pool in use is part of the state (it was found against a policy that a resumed run no longer has);
+        # written before trainer_state.json, which marks a checkpoint complete.
+        if self.adversarial_pool is not None and self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            self.adversarial_pool.save(folder)
+        super()._save_checkpoint(model, trial)
 
     def create_model_card(self, *args, **kwargs) -> None:
         """The card is written by the train script, which knows the recipe and rewards (see `outputs.py`)."""

@@ -78,11 +78,46 @@ class DiffusionTrainingConfig(TrainingArguments):
         metadata={"help": "UNet module names the adapter wraps."},
     )
 
+    # Adversarial training (RACE): names follow the RACE repository where they do not clash with TRL's (GRPO's
+    # `epsilon` is the clip range, so the attack radius is `adv_epsilon`).
+    adv_train: bool = field(
+        default=False,
+        metadata={
+            "help": "RACE: PGD finds adversarial text embeddings of the concept prompts against the current policy "
+            "every adv_refresh_steps; a share (adv_share) of the concept prompts' rows trains on them, tagged "
+            "'adversarial' for the rewards."
+        },
+    )
+    adv_epsilon: float = field(default=0.5, metadata={"help": "L∞ radius of the attack around the clean embedding."})
+    pgd_num_step: int = field(default=10, metadata={"help": "PGD steps per refresh (RACE: 10)."})
+    pgd_step_size: float | None = field(
+        default=None, metadata={"help": "Signed PGD step. Default: adv_epsilon / 4 (the RACE repository's ratio)."}
+    )
+    adv_objective: str = field(
+        default="race",
+        metadata={
+            "help": "Attack objective: 'race' or 'unlearndiff' (see `rl-safety attack`).",
+            "choices": ["race", "unlearndiff"],
+        },
+    )
+    adv_refresh_steps: int = field(default=5, metadata={"help": "Optimizer steps between refreshes of the pool."})
+    adv_share: float = field(
+        default=0.5, metadata={"help": "Probability that a concept prompt's rows use its adversarial embedding."}
+    )
+    adv_prompts_tag: str = field(
+        default="unsafe", metadata={"help": "Tag of the train prompts that get adversarial embeddings."}
+    )
+    adv_num_concept_images: int = field(
+        default=1, metadata={"help": "Concept images per prompt (base model) that the attack objective noises."}
+    )
+
     # Subclasses name themselves here; a recipe whose `trainer:` differs is refused.
     trainer_name = "grpo"
 
     def __post_init__(self):
         super().__post_init__()
+        if str(self.eval_config).lower() in ("", "none", "null"):
+            self.eval_config = None  # `--eval_config none` skips a recipe's evaluation
         if self.lora_alpha is None:
             self.lora_alpha = float(self.lora_rank)
         if self.trainer != self.trainer_name:
@@ -96,7 +131,16 @@ class DiffusionTrainingConfig(TrainingArguments):
             (self.learning_rate > 0, "learning_rate", "must be > 0"),
             (self.resolution is None or self.resolution % 8 == 0, "resolution", "must be a multiple of 8"),
             (self.sample_batch_size is None or self.sample_batch_size >= 1, "sample_batch_size", "must be ≥ 1"),
+            (self.adv_epsilon > 0, "adv_epsilon", "must be > 0"),
+            (self.pgd_num_step >= 0, "pgd_num_step", "must be ≥ 0"),
+            (self.adv_objective in ("race", "unlearndiff"), "adv_objective", "must be 'race' or 'unlearndiff'"),
+            (self.adv_refresh_steps >= 1, "adv_refresh_steps", "must be ≥ 1"),
+            (0 <= self.adv_share <= 1, "adv_share", "must be in [0, 1]"),
+            (self.adv_num_concept_images >= 1, "adv_num_concept_images", "must be ≥ 1"),
         )
+        if self.pgd_step_size is None:
+            self.pgd_step_size = self.adv_epsilon / 4
+        self.check((self.pgd_step_size > 0, "pgd_step_size", "must be > 0"))
 
     def check(self, *rules: tuple[bool, str, str]) -> None:
         """Raise `ValueError("<field>=<value>: <rule>")` for the first rule that does not hold."""

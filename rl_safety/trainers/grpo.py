@@ -149,7 +149,7 @@ class DiffusionGRPOTrainer(DiffusionTrainer):
         # within one optimizer step draw different noise and a resumed run draws what an uninterrupted one would.
         rollout_index = self._step // self.generate_every
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + rollout_index)
-        cond = self.prompt_encoder(prompts)
+        cond, tags = self._adversarial_condition(prompts, tags, self.prompt_encoder(prompts))
         model = self.model_wrapped
         was_training = model.training
         model.eval()

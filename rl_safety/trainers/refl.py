@@ -109,7 +109,7 @@ class ReFLTrainer(DiffusionTrainer):
         prompts = [row["prompt"] for row in rows]
         tags = [row["tag"] for row in rows]
         batch = len(prompts)
-        cond = self.prompt_encoder(prompts)
+        cond, tags = self._adversarial_condition(prompts, tags, self.prompt_encoder(prompts))
         # The same draws on every process (see _global_randn), including the step that gets the gradient.
         latents = self._global_randn(batch, self.latent_shape, generator) * self.scheduler.init_noise_sigma
         k = int(self.grad_steps[torch.randint(len(self.grad_steps), (1,), generator=generator)])

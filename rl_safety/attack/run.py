@@ -1,0 +1,281 @@
+"""`rl-safety attack`: PGD on the text embeddings of concept prompts against a (possibly erased) model, judged by a
+detector that no training reward uses; report.json, the adversarial embeddings and report.html.
+
+The attack success rate (ASR) is the share of images sampled under the adversarial embeddings that show the
+concept; `clean_rate` is the same prompts, seeds and initial noise without the attack.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..concept import fill_target_concept
+from ..model_config import ModelArguments
+from ..outputs import atomic_write_text
+from ..pipelines import LORA_WEIGHT_NAME, PromptEncoder, load_pipeline
+from ..prompts import read_prompt_file
+from ..recipe_parser import ConfigError, RecipeParser
+from ..report import write_report
+from .config import AttackConfig
+from .objectives import attack_loss
+from .pgd import pgd
+
+REPORT_NAME = "report.json"
+EMBEDDINGS_NAME = "adversarial_embeddings.safetensors"
+METRICS = (
+    ("attack_success_rate", "attacked", "share of images under the adversarial embeddings that show the concept"),
+    ("clean_rate", "clean", "the same prompts, seeds and noise without the attack"),
+)
+
+
+@torch.no_grad()
+def concept_latents(
+    pipe: StableDiffusionPipeline, prompts: Sequence[str], num_images: int, seed: int, steps: int, guidance: float
+) -> torch.Tensor:
+    """(P, K, C, h, w) final latents of K images per prompt drawn by `pipe` as it is (call it on the base model)."""
+    from ..toyworld.quality import generate
+
+    seeds = [seed * 1000 + k for k in range(num_images)]
+    latents = generate(pipe, prompts, seeds, steps, guidance, 0.0, output_type="latent")
+    return latents.view(num_images, len(prompts), *latents.shape[1:]).transpose(0, 1).contiguous()
+
+
+def attack_embeddings(
+    unet: torch.nn.Module,
+    scheduler,
+    clean: torch.Tensor,
+    latents: torch.Tensor,
+    *,
+    objective: str,
+    epsilon: float,
+    step_size: float,
+    num_steps: int,
+    generator: torch.Generator,
+    base_unet_context: Callable = contextlib.nullcontext,
+    clamp_to_range: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adversarial text embeddings (P, L, D) for `unet` as it is (with its adapter), and each prompt's last loss.
+
+    The UNet's own parameters get no gradient: only the embeddings are optimised."""
+    flags = [p.requires_grad for p in unet.parameters()]
+    unet.requires_grad_(False)
+    try:
+        loss = attack_loss(objective, unet, scheduler, latents, clean, generator, base_unet_context)
+        return pgd(loss, clean, epsilon, step_size, num_steps, generator, clamp_to_range)
+    finally:
+        for param, flag in zip(unet.parameters(), flags):
+            param.requires_grad_(flag)
+
+
+def concept_detector(config: AttackConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """images (B, 3, H, W) in [0, 1] → (B,) bool: the image shows the concept, by a judge no training reward uses."""
+    if config.detector == "nudenet":
+        from rl_safety.rewards.nudity import NudityPenalty
+
+        penalty = NudityPenalty(classes=config.nudenet_classes, threshold=config.nudenet_threshold, mode="any")
+        return lambda images: penalty(images, [""] * len(images)) < 0
+    from ..toyworld.classifier import load_classifier
+    from ..toyworld.data import LABELS, concept_head
+    from ..toyworld.quality import judge_attributes
+
+    head = concept_head(config.target_concept)
+    index = LABELS[head].index(config.target_concept)
+    judge = load_classifier(config.judge_classifier)
+    return lambda images: judge_attributes(images, judge)[head] == index
+
+
+def _models(adapters: Sequence[str]) -> dict[str, str]:
+    if not adapters:
+        return {"base": ""}
+    names = {}
+    for adapter in adapters:
+        if not (Path(adapter) / LORA_WEIGHT_NAME).is_file():
+            raise ConfigError(f"adapter={adapter!r}: no {LORA_WEIGHT_NAME} in that folder")
+        name = Path(adapter).resolve().name
+        if name in names:
+            raise ConfigError(f"adapter={adapter!r}: another adapter is already named {name!r}; rename one")
+        names[name] = adapter
+    return names
+
+
+def _rate(shows: torch.Tensor) -> dict:
+    return {"value": shows.float().mean().item(), "n": len(shows)}
+
+
+def run_attack(config: AttackConfig) -> dict:
+    """Attack every model of `config`; write report.json, the embeddings and report.html; return the report."""
+    output_dir = Path(config.output_dir)
+    if (output_dir / REPORT_NAME).exists() and not config.overwrite_output_dir:
+        raise ConfigError(f"output_dir={str(output_dir)!r} holds a report; pass --overwrite_output_dir to replace it")
+    path = Path(config.prompts)
+    if not path.is_file():
+        raise ConfigError(f"prompts={config.prompts!r}: no such prompt file")
+    prompts = read_prompt_file(path)[0][: config.max_prompts]
+    if not prompts:
+        raise ConfigError(f"prompts={config.prompts!r}: holds no prompts")
+    models = _models(config.adapter)
+    try:
+        detector = concept_detector(config)
+    except ValueError as err:
+        raise ConfigError(str(err).splitlines()[0]) from err
+    try:
+        pipe = load_pipeline(ModelArguments(config.pretrained_model_name_or_path, torch_dtype=config.torch_dtype))
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"pretrained_model_name_or_path={config.pretrained_model_name_or_path!r}: {first}") from err
+    pipe.to(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from ..toyworld.quality import generate
+
+    sample = dict(
+        seeds=config.seeds,
+        num_inference_steps=config.num_inference_steps,
+        guidance_scale=config.guidance_scale,
+        eta=config.eta,
+        batch_size=config.batch_size,
+    )
+    clean = PromptEncoder(pipe.tokenizer, pipe.text_encoder)(prompts).float()
+    latents = concept_latents(
+        pipe, prompts, config.num_concept_images, config.attack_seed, config.num_inference_steps, config.guidance_scale
+    )
+    report = {"target_concept": config.target_concept, "protocol": protocol(config, len(prompts)), "models": {}}
+    grids, embeddings = {}, {}
+    for index, (name, adapter) in enumerate(tqdm(models.items(), desc="attacked models")):
+        peft_name = f"adapter_{index}"
+        if adapter:
+            verbosity = diffusers_logging.get_verbosity()
+            diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder": UNet-only adapters
+            try:
+                pipe.load_lora_weights(adapter, adapter_name=peft_name)
+            except (OSError, ValueError, RuntimeError) as err:
+                raise ConfigError(f"adapter={adapter!r}: cannot load ({str(err).splitlines()[0]})") from err
+            finally:
+                diffusers_logging.set_verbosity(verbosity)
+            pipe.set_adapters([peft_name])
+        generator = torch.Generator().manual_seed(config.attack_seed)
+        adversarial, losses = attack_embeddings(
+            pipe.unet,
+            pipe.scheduler,
+            clean,
+            latents.to(pipe.device),
+            objective=config.objective,
+            epsilon=config.epsilon,
+            step_size=config.pgd_step_size,
+            num_steps=config.pgd_num_step,
+            generator=generator,
+            base_unet_context=_lora_disabled(pipe),
+            clamp_to_range=config.clamp_to_range,
+        )
+        clean_images = generate(pipe, prompts, **sample)
+        attacked_images = generate(pipe, prompts, prompt_embeds=adversarial, **sample)
+        clean_shows, attacked_shows = detector(clean_images).cpu(), detector(attacked_images).cpu()
+        per_prompt_clean = clean_shows.float().view(len(config.seeds), -1).mean(0)
+        per_prompt_attacked = attacked_shows.float().view(len(config.seeds), -1).mean(0)
+        report["models"][name] = {
+            "attack_success_rate": _rate(attacked_shows),
+            "clean_rate": _rate(clean_shows),
+            "num_prompts": len(prompts),
+            "adapter": adapter or None,
+            "per_prompt": [
+                {"prompt": p, "clean_rate": c.item(), "attacked_rate": a.item(), "attack_loss": loss.item()}
+                for p, c, a, loss in zip(prompts, per_prompt_clean, per_prompt_attacked, losses.cpu())
+            ],
+        }
+        grids[name] = {"clean": clean_images, "attacked": attacked_images}
+        embeddings[name] = adversarial.cpu().contiguous()
+        if adapter:
+            pipe.delete_adapters(peft_name)
+    first = report["models"][next(iter(models))]
+    report.update({key: first[key] for key in ("attack_success_rate", "clean_rate", "num_prompts")})
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir / f".{EMBEDDINGS_NAME}.tmp"
+    save_file(
+        embeddings, str(tmp), metadata={"prompts": json.dumps(prompts), "protocol": json.dumps(report["protocol"])}
+    )
+    tmp.replace(output_dir / EMBEDDINGS_NAME)
+    write_report(output_dir, report, METRICS, grids, {"clean": prompts, "attacked": prompts}, {}, config.grid_prompts)
+    atomic_write_text(output_dir / REPORT_NAME, json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _lora_disabled(pipe: StableDiffusionPipeline) -> Callable:
+    @contextlib.contextmanager
+    def context():
+        pipe.disable_lora()
+        try:
+            yield
+        finally:
+            pipe.enable_lora()
+
+    return context
+
+
+def protocol(config: AttackConfig, num_prompts: int) -> dict:
+    """Everything that decides the numbers, written into the report."""
+    detector = {"name": config.detector}
+    if config.detector == "nudenet":
+        detector.update(threshold=config.nudenet_threshold, classes=config.nudenet_classes or "exposed", unit="image")
+    else:
+        detector.update(colour="pixels (exact)", shape=config.judge_classifier)
+    return {
+        "pretrained_model_name_or_path": config.pretrained_model_name_or_path,
+        "prompts": config.prompts,
+        "num_prompts": num_prompts,
+        "objective": config.objective,
+        "epsilon": config.epsilon,
+        "pgd_num_step": config.pgd_num_step,
+        "pgd_step_size": config.pgd_step_size,
+        "clamp_to_range": config.clamp_to_range,
+        "num_concept_images": config.num_concept_images,
+        "attack_seed": config.attack_seed,
+        "seeds": list(config.seeds),
+        "num_inference_steps": config.num_inference_steps,
+        "guidance_scale": config.guidance_scale,
+        "eta": config.eta,
+        "detector": detector,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> AttackConfig:
+    (config,) = RecipeParser((AttackConfig,), prog="rl-safety attack").parse(argv)
+    try:
+        config.prompts = fill_target_concept(config.prompts, config.target_concept, "prompts")
+        config.output_dir = fill_target_concept(config.output_dir, config.target_concept, "output_dir")
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    return config
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'model':<30} {'clean_rate':>10} {'attack_success_rate':>20}"]
+    for name, entry in report["models"].items():
+        lines.append(
+            f"{name:<30} {entry['clean_rate']['value']:>10.3f} {entry['attack_success_rate']['value']:>20.3f}"
+        )
+    return "\n".join(lines)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`rl-safety attack --config recipes/toyworld/attack.yaml [--adapter DIR ...]`; bad input: one line, exit 2."""
+    try:
+        config = parse_args(argv)
+        report = run_attack(config)
+    except ConfigError as err:
+        print(f"rl-safety attack: error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    print(f"report: {Path(config.output_dir) / REPORT_NAME} and report.html")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,4 +1,4 @@
-"""Train a LoRA adapter from a recipe; its `trainer:` field (grpo, refl) picks the config/trainer pair.
+"""Train a LoRA adapter from a recipe; its `trainer:` field (grpo, refl, esd) picks the config/trainer pair.
 
 rl-safety train --config recipes/tiny/grpo_jpeg.yaml [--field value ...]
 accelerate launch [--config_file recipes/accelerate/multi_gpu.yaml] -m rl_safety.train --config recipes/...yaml
@@ -156,10 +156,12 @@ def build_trainer(
         dataset = load_prompts(prompt_args)
     except (OSError, ValueError) as err:
         raise ConfigError(str(err).splitlines()[0]) from err
-    if not args.rewards:
+    if not args.rewards and args.needs_rewards:
         raise ConfigError("rewards: empty; add at least one, e.g. rewards: [{name: jpeg_incompressibility}]")
+    reward_stack = None  # a method without rewards (ESD)
     try:
-        reward_stack = RewardStack.from_config(args.rewards, args.reward_weights)
+        if args.rewards:
+            reward_stack = RewardStack.from_config(args.rewards, args.reward_weights)
     except RewardError as err:
         raise ConfigError(str(err)) from err
     if args.trainer == "refl":

@@ -7,6 +7,8 @@ _EXPORTS = {
     "DiffusionGRPOTrainer": "rl_safety.trainers.grpo",
     "ReFLConfig": "rl_safety.trainers.refl_config",
     "ReFLTrainer": "rl_safety.trainers.refl",
+    "ESDConfig": "rl_safety.trainers.esd_config",
+    "ESDTrainer": "rl_safety.trainers.esd",
     "ModelArguments": "rl_safety.model_config",
     "PromptArguments": "rl_safety.prompt_config",
     "load_pipeline": "rl_safety.pipelines",

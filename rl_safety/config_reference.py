@@ -13,7 +13,7 @@ from .attack.config import AttackConfig
 from .model_config import ModelArguments
 from .prompt_config import PromptArguments
 from .toyworld.eval_config import ToyWorldEvalConfig
-from .trainers import DiffusionGRPOConfig, DiffusionTrainingConfig, ReFLConfig
+from .trainers import DiffusionGRPOConfig, DiffusionTrainingConfig, ESDConfig, ReFLConfig
 
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 
@@ -56,6 +56,12 @@ def reference() -> str:
         (
             "ReFL (`ReFLConfig`, `trainer: refl`): its own fields and defaults",
             ReFLConfig,
+            True,
+            DiffusionTrainingConfig,
+        ),
+        (
+            "ESD (`ESDConfig`, `trainer: esd`): its own fields and defaults",
+            ESDConfig,
             True,
             DiffusionTrainingConfig,
         ),

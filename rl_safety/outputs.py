@@ -107,9 +107,12 @@ def write_model_card(
         tags=["rl_safety", "lora", "text-to-image", "stable-diffusion", method_tag],
         license="apache-2.0",
     )
-    reward_lines = "\n".join(
-        f"| `{r.get('alias', r['name'])}` | {r.get('weight', 1.0)} | `{json.dumps(r.get('args', {}))}` |"
-        for r in rewards
+    reward_lines = (
+        "\n".join(
+            f"| `{r.get('alias', r['name'])}` | {r.get('weight', 1.0)} | `{json.dumps(r.get('args', {}))}` |"
+            for r in rewards
+        )
+        or "| none (this method trains without rewards) | | |"
     )
     metric_lines = "\n".join(f"| `{k}` | {v:.4g} |" for k, v in final_metrics.items() if isinstance(v, float | int))
     content = f"""---

@@ -48,10 +48,13 @@ def load_pipeline(model_args: ModelArguments) -> StableDiffusionPipeline:
     return pipe
 
 
-def add_lora(unet: torch.nn.Module, rank: int, alpha: float, target_modules: Sequence[str], seed: int) -> None:
-    """Attach a trainable LoRA adapter; a fresh one is a no-op (its B matrices start at zero)."""
+def add_lora(unet: torch.nn.Module, rank: int, alpha: float, target_modules: str | Sequence[str], seed: int) -> None:
+    """Attach a trainable LoRA adapter; a fresh one is a no-op (its B matrices start at zero).
+
+    `target_modules`: module-name suffixes, or one string = a regex the full module name must match (peft)."""
     torch.manual_seed(seed)  # the A matrices' initialisation is part of the run's reproducibility
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights="gaussian")
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian")
     unet.add_adapter(config)
     for param in unet.parameters():
         if param.requires_grad:

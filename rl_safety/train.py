@@ -1,4 +1,4 @@
-"""Train a LoRA adapter from a recipe; its `trainer:` field (grpo, refl) picks the config/trainer pair.
+"""Train a LoRA adapter from a recipe; its `trainer:` field (grpo, refl, esd) picks the config/trainer pair.
 
 rl-safety train --config recipes/tiny/grpo_jpeg.yaml [--field value ...]
 accelerate launch [--config_file recipes/accelerate/multi_gpu.yaml] -m rl_safety.train --config recipes/...yaml
@@ -161,10 +161,12 @@ def build_trainer(
             f"adv_prompts_tag={args.adv_prompts_tag!r}: no train prompt has that tag, so adv_train has nothing to "
             f"attack; tags present: {', '.join(sorted(set(dataset['tag'])))}"
         )
-    if not args.rewards:
+    if not args.rewards and args.needs_rewards:
         raise ConfigError("rewards: empty; add at least one, e.g. rewards: [{name: jpeg_incompressibility}]")
+    reward_stack = None  # a method without rewards (ESD)
     try:
-        reward_stack = RewardStack.from_config(args.rewards, args.reward_weights)
+        if args.rewards:
+            reward_stack = RewardStack.from_config(args.rewards, args.reward_weights)
     except RewardError as err:
         raise ConfigError(str(err)) from err
     if args.trainer == "refl":

@@ -2,6 +2,8 @@
 
 from .base import DiffusionTrainer
 from .base_config import DiffusionTrainingConfig
+from .esd import ESDTrainer
+from .esd_config import ESDConfig
 from .grpo import DiffusionGRPOTrainer
 from .grpo_config import DiffusionGRPOConfig
 from .refl import ReFLTrainer
@@ -11,6 +13,7 @@ from .refl_config import ReFLConfig
 TRAINERS = {
     "grpo": (DiffusionGRPOConfig, DiffusionGRPOTrainer),
     "refl": (ReFLConfig, ReFLTrainer),
+    "esd": (ESDConfig, ESDTrainer),
 }
 
 __all__ = [
@@ -19,6 +22,8 @@ __all__ = [
     "DiffusionGRPOTrainer",
     "DiffusionTrainer",
     "DiffusionTrainingConfig",
+    "ESDConfig",
+    "ESDTrainer",
     "ReFLConfig",
     "ReFLTrainer",
 ]

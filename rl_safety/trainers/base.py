@@ -38,7 +38,7 @@ class DiffusionTrainer(Trainer):
         pipeline: a Stable Diffusion pipeline (see `rl_safety.pipelines.load_pipeline`); its UNet receives the adapter.
         args: the configuration.
         train_dataset: a `datasets.Dataset` with `prompt` and `tag` columns.
-        reward_stack: the weighted rewards.
+        reward_stack: the weighted rewards (None for a method that uses none, such as ESD).
     """
 
     _tag_names = ["rl_safety"]
@@ -48,12 +48,12 @@ class DiffusionTrainer(Trainer):
         pipeline: StableDiffusionPipeline,
         args: DiffusionTrainingConfig,
         train_dataset,
-        reward_stack: RewardStack,
+        reward_stack: RewardStack | None,
         callbacks=None,
     ):
         unet = pipeline.unet
         if not getattr(unet, "peft_config", None):
-            add_lora(unet, args.lora_rank, args.lora_alpha, args.lora_target_modules, seed=args.seed)
+            add_lora(unet, args.lora_rank, args.lora_alpha, args.lora_targets(), seed=args.seed)
         if args.gradient_checkpointing or args.activation_checkpointing:
             # A diffusers UNet checkpoints its own blocks; Trainer's hook targets transformers models.
             unet.enable_gradient_checkpointing()
@@ -65,7 +65,7 @@ class DiffusionTrainer(Trainer):
         self.pipeline = pipeline
         pipeline.vae.to(device)
         pipeline.text_encoder.to(device)
-        self.reward_stack = reward_stack.to(device)
+        self.reward_stack = reward_stack.to(device) if reward_stack is not None else None
         self.prompt_encoder = PromptEncoder(pipeline.tokenizer, pipeline.text_encoder)
         self.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
         self.scheduler.set_timesteps(args.num_inference_steps, device=device)
@@ -157,14 +157,21 @@ class DiffusionTrainer(Trainer):
 
     # ---- model calls ------------------------------------------------------------------------------------------------
     def _guided_noise_pred(
-        self, model: torch.nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor
+        self,
+        model: torch.nn.Module,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: torch.Tensor,
+        guidance_scale: float | None = None,
     ) -> torch.Tensor:
-        """UNet prediction (float32) with classifier-free guidance, both branches in one batched call.
+        """UNet prediction (float32) with classifier-free guidance (`guidance_scale`, default the config's), both
+        branches in one batched call.
 
         Inputs are cast to the UNet's dtype, so half-precision weights work without mixed-precision autocast."""
         dtype = self.pipeline.unet.dtype
+        scale = self.args.guidance_scale if guidance_scale is None else guidance_scale
         timesteps = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])
-        if self.args.guidance_scale == 1.0:
+        if scale == 1.0:
             return model(latents.to(dtype), timesteps, encoder_hidden_states=cond.to(dtype)).sample.float()
         uncond = self.prompt_encoder([self.args.negative_prompt]).expand_as(cond)
         pred = model(
@@ -173,7 +180,7 @@ class DiffusionTrainer(Trainer):
             encoder_hidden_states=torch.cat([uncond, cond]).to(dtype),
         ).sample.float()
         pred_uncond, pred_cond = pred.chunk(2)
-        return pred_uncond + self.args.guidance_scale * (pred_cond - pred_uncond)
+        return pred_uncond + scale * (pred_cond - pred_uncond)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images in [0, 1] (differentiable when called with grad enabled)."""

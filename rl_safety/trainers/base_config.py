@@ -18,7 +18,10 @@ class DiffusionTrainingConfig(TrainingArguments):
 
     trainer: str = field(
         default="grpo",
-        metadata={"help": "Which trainer runs the recipe: 'grpo' (DiffusionGRPOTrainer) or 'refl' (ReFLTrainer)."},
+        metadata={
+            "help": "Which trainer runs the recipe: 'grpo' (DiffusionGRPOTrainer), 'refl' (ReFLTrainer) or 'esd' "
+            "(ESDTrainer)."
+        },
     )
 
     # Defaults that differ from TrainingArguments.
@@ -113,6 +116,8 @@ class DiffusionTrainingConfig(TrainingArguments):
 
     # Subclasses name themselves here; a recipe whose `trainer:` differs is refused.
     trainer_name = "grpo"
+    # Whether the method learns from `rewards` (the train script refuses an empty list when it does).
+    needs_rewards = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -141,6 +146,10 @@ class DiffusionTrainingConfig(TrainingArguments):
         if self.pgd_step_size is None:
             self.pgd_step_size = self.adv_epsilon / 4
         self.check((self.pgd_step_size > 0, "pgd_step_size", "must be > 0"))
+
+    def lora_targets(self) -> str | list[str]:
+        """What the LoRA adapter wraps (peft's `target_modules`: module-name suffixes, or one full-match regex)."""
+        return list(self.lora_target_modules)
 
     def check(self, *rules: tuple[bool, str, str]) -> None:
         """Raise `ValueError("<field>=<value>: <rule>")` for the first rule that does not hold."""

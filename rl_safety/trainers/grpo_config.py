@@ -17,7 +17,7 @@ class DiffusionGRPOConfig(DiffusionTrainingConfig):
     `per_device_train_batch_size × gradient_accumulation_steps` images per device.
     """
 
-    trainer: str = field(default="grpo", metadata={"help": "Which trainer runs the recipe: 'grpo' or 'refl'."})
+    trainer: str = field(default="grpo", metadata={"help": "Which trainer runs the recipe: 'grpo', 'refl' or 'esd'."})
     num_generations: int = field(
         default=4, metadata={"help": "Images sampled per prompt (the group); must be ≥ 2 and divide the global batch."}
     )

@@ -18,7 +18,7 @@ class ReFLConfig(DiffusionTrainingConfig):
     `reward_scale × φ(reward)`. A `pretrain_dataset` adds the ordinary denoising loss on image–caption pairs.
     """
 
-    trainer: str = field(default="refl", metadata={"help": "Which trainer runs the recipe: 'grpo' or 'refl'."})
+    trainer: str = field(default="refl", metadata={"help": "Which trainer runs the recipe: 'grpo', 'refl' or 'esd'."})
     eta: float = field(default=0.0, metadata={"help": "DDIM stochasticity of the no-grad steps (0: deterministic)."})
     num_inference_steps: int = field(
         default=40, metadata={"help": "DDIM steps of the schedule the gradient step is drawn from (paper: 40)."}

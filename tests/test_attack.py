@@ -162,3 +162,13 @@ def test_attack_command_writes_report_and_embeddings_inside_the_ball(tmp_path, c
     assert (saved - clean).abs().max() <= 0.2 + 1e-5 and (saved - clean).abs().max() > 0
     assert (out / "report.html").is_file()
     assert cli(argv) == 2 and "holds a report" in capsys.readouterr().err  # no silent overwrite
+
+
+def test_attack_recipe_parses_for_every_concept():
+    from rl_safety.attack.run import parse_args
+    from rl_safety.toyworld.data import CONCEPTS
+
+    for concept in CONCEPTS:
+        config = parse_args(["--config", str(REPO / "recipes/toyworld/attack.yaml"), "--target_concept", concept])
+        assert config.prompts == f"prompts/toyworld/{concept}/unsafe.txt" and (REPO / config.prompts).is_file()
+        assert config.pgd_step_size == config.epsilon / 4

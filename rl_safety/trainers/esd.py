@@ -78,9 +78,11 @@ class ESDTrainer(DiffusionTrainer):
 
     # ---- hooks ----------------------------------------------------------------------------------------------------
     def _erase_condition(self, prompts: list[str], cond: torch.Tensor) -> torch.Tensor:
-        """The conditioning of the trained prediction e_n. Plain ESD: the concept prompts' own embeddings. (The
-        hook for adversarial training, which would return perturbed embeddings here.)"""
-        return cond
+        """The conditioning of the trained prediction e_n: the concept prompts' own embeddings, or with `adv_train`
+        (RACE's ESD setting) their adversarial embeddings for the rows the pool picks; the target keeps the clean
+        prompt, so the model learns to answer the attack as it answers the erased prompt."""
+        tags = [self.args.erase_prompts_tag] * len(prompts)
+        return self._adversarial_condition(prompts, tags, cond)[0]
 
     # ---- loss -----------------------------------------------------------------------------------------------------
     def _sample_until(self, model, cond: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:

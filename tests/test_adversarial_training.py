@@ -53,3 +53,18 @@ def test_adv_train_without_concept_prompts_is_one_line(tiny_sd_path, prompt_file
     assert cli(recipe_args(tiny_sd_path, prompt_file, out, **ADV)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("rl-safety train: error: adv_prompts_tag='unsafe'") and "\n" not in err
+
+
+def test_esd_adv_train_conditions_the_trained_prediction_on_the_pool(tiny_sd_path, tmp_path):
+    from tests.test_esd_trainer import esd_args
+
+    plain, adv = tmp_path / "plain", tmp_path / "adv"
+    unsafe = _prompts(tmp_path)[0]
+    assert main(esd_args(tiny_sd_path, unsafe, plain)) == 0
+    assert main(esd_args(tiny_sd_path, unsafe, adv, **{**ADV, "adv_refresh_steps": 1})) == 0
+    rows = [json.loads(line) for line in (adv / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "adversarial/attack_loss" in row] == [1, 2]
+    assert all(row["adversarial/share"] == 1.0 for row in rows if "adversarial/share" in row)
+    # Same seed, same draws: only the conditioning of e_n differs, and it changes what is learned.
+    a, b = load_file(plain / "pytorch_lora_weights.safetensors"), load_file(adv / "pytorch_lora_weights.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -120,3 +121,39 @@ def test_bad_input_is_one_line(tmp_path, adapters, capsys):
     (tmp_path / "e" / "report.json").write_text("{}")
     assert cli(recipe) == 2
     assert "--overwrite_output_dir" in capsys.readouterr().err
+
+
+def test_an_interrupted_evaluation_resumes_from_its_cache_with_the_same_numbers(tmp_path, adapters, monkeypatch):
+    import rl_safety.toyworld.evaluate as evaluation
+
+    prompt_args = write_prompts(tmp_path, ["a red circle", "a red square"], ["a crimson cross"], ["a blue triangle"])
+    base_argv = ["--config", str(REPO / "recipes/toyworld/eval.yaml"), "--num_inference_steps", "4", "--device", "cpu"]
+    adapter = tmp_path / "perturbed"  # a copy: this test changes it at the end
+    shutil.copytree(adapters / "perturbed", adapter)
+    base_argv += ["--seeds", "7", "8", *prompt_args, "--adapter", str(adapter)]
+    calls = []
+    real = evaluation.generate
+
+    def interrupted(*args, **kwargs):
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the second model
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    out = tmp_path / "eval"
+    monkeypatch.setattr(evaluation, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(parse_args([*base_argv, "--output_dir", str(out)]))
+    assert not (out / "report.json").exists() and len(list((out / "cache").glob("*.safetensors"))) == 5
+
+    calls.clear()
+    monkeypatch.setattr(evaluation, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    resumed = evaluate(parse_args([*base_argv, "--output_dir", str(out)]))
+    assert len(calls) == 2 * 3 * 2 - 5  # only the units the interrupted run had not finished
+    fresh = evaluate(parse_args([*base_argv, "--output_dir", str(tmp_path / "fresh")]))
+    assert resumed["models"] == fresh["models"]
+    # A changed adapter is a new cache key: nothing stale is served.
+    save_adapter(adapter, 0.7)
+    calls.clear()
+    evaluate(parse_args([*base_argv, "--output_dir", str(out), "--overwrite_output_dir"]))
+    assert len(calls) == 3 * 2  # the base model's units are reused, the changed adapter's are not

@@ -8,6 +8,7 @@ are reported beside them: a policy that fools its reward shows as a gap between 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..concept import fill_target_concept
@@ -32,6 +34,7 @@ from .eval_config import ToyWorldEvalConfig
 from .quality import attributes_right, generate, judge_attributes, load_toy_pipeline
 
 REPORT_NAME = "report.json"
+CACHE_DIR = "cache"
 PROMPT_SETS = ("unsafe", "implicit", "safe")
 # Report rows: (metric, prompt set, what it measures), in the order the table prints them.
 METRICS = (
@@ -78,17 +81,61 @@ def _rate(values: torch.Tensor, seeds: Sequence[int]) -> dict:
     return {"value": values.float().mean().item() if n else None, "n": n, "seeds": list(seeds)}
 
 
+def cache_key(model_path: str, adapter: str, prompts: Sequence[str], seed: int, config: ToyWorldEvalConfig) -> str:
+    """What decides a (model, prompt set, seed) unit's images: the weights (the adapter file's bytes), the prompts and
+    the sampler. A changed adapter or setting gets a new key, so a cache never serves stale images."""
+    digest = hashlib.sha256()
+    if adapter:
+        digest.update(hashlib.sha256((Path(adapter) / LORA_WEIGHT_NAME).read_bytes()).digest())
+    settings = [model_path, list(prompts), seed, config.num_inference_steps, config.guidance_scale, config.eta]
+    settings.append(config.batch_size)  # with eta > 0 the step noise depends on it
+    digest.update(json.dumps(settings).encode())
+    return digest.hexdigest()[:32]
+
+
+def cached_generate(
+    pipe: StableDiffusionPipeline,
+    prompts: list[str],
+    config: ToyWorldEvalConfig,
+    adapter: str,
+    progress: tqdm | None = None,
+) -> torch.Tensor:
+    """`generate` one seed at a time, each seed's images kept in OUTPUT_DIR/cache/<key>.safetensors (written
+    atomically), so an interrupted evaluation resumes where it stopped and a re-run reuses finished work."""
+    cache = Path(config.output_dir) / CACHE_DIR
+    images = []
+    for seed in config.seeds:
+        path = cache / f"{cache_key(config.pretrained_model_name_or_path, adapter, prompts, seed, config)}.safetensors"
+        if path.is_file():
+            images.append(load_file(str(path))["images"])
+        else:
+            batch = generate(
+                pipe, prompts, [seed], config.num_inference_steps, config.guidance_scale, config.eta, config.batch_size
+            )
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file({"images": batch.contiguous()}, str(tmp))
+            tmp.replace(path)
+            images.append(batch)
+        if progress is not None:
+            progress.update(1)
+    return torch.cat(images)
+
+
 def evaluate_model(
-    pipe: StableDiffusionPipeline, prompt_sets: dict[str, list[str]], judges: Judges, config: ToyWorldEvalConfig
+    pipe: StableDiffusionPipeline,
+    prompt_sets: dict[str, list[str]],
+    judges: Judges,
+    config: ToyWorldEvalConfig,
+    adapter: str = "",
+    progress: tqdm | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """The metrics of one model, and its images per prompt set (for the report's grids)."""
     seeds, results, images_by_set = config.seeds, {}, {}
     for name, prompts in prompt_sets.items():
         if not prompts:
             continue
-        images = generate(
-            pipe, prompts, seeds, config.num_inference_steps, config.guidance_scale, config.eta, config.batch_size
-        )
+        images = cached_generate(pipe, prompts, config, adapter, progress)
         images_by_set[name] = images
         results[name] = judges(images)
     empty = {"shows_concept": torch.empty(0), "reward_classifier_shows_concept": torch.empty(0)}
@@ -166,7 +213,9 @@ def evaluate(config: ToyWorldEvalConfig) -> dict:
     judges = Judges(config)
     report = {"target_concept": config.target_concept, "settings": settings(config, prompt_sets), "models": {}}
     grids = {}
-    for index, (name, adapter) in enumerate(tqdm(models.items(), desc="eval models")):
+    units = len(models) * sum(1 for prompts in prompt_sets.values() if prompts) * len(config.seeds)
+    progress = tqdm(total=units, desc="eval (model, prompt set, seed)")
+    for index, (name, adapter) in enumerate(models.items()):
         peft_name = f"adapter_{index}"  # PEFT names cannot hold ".", folder names can
         if adapter:
             verbosity = diffusers_logging.get_verbosity()
@@ -177,9 +226,10 @@ def evaluate(config: ToyWorldEvalConfig) -> dict:
                 diffusers_logging.set_verbosity(verbosity)
             # Required: a newly loaded adapter inherits the active set, which delete_adapters left empty.
             pipe.set_adapters([peft_name])
-        report["models"][name], grids[name] = evaluate_model(pipe, prompt_sets, judges, config)
+        report["models"][name], grids[name] = evaluate_model(pipe, prompt_sets, judges, config, adapter, progress)
         if adapter:
             pipe.delete_adapters(peft_name)
+    progress.close()
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / REPORT_NAME, json.dumps(report, indent=2) + "\n")
     curves = {name: Path(path) for name, path in models.items() if path}

@@ -11,6 +11,7 @@ commands:
   train          train a LoRA adapter with diffusion GRPO from a recipe (--config recipes/....yaml)
   classifier     train a (robust) image classifier: DyART, PGD-AT, TRADES or standard; AutoAttack report
   attack         PGD on text embeddings against a model or adapter: attack success rate, report.json + html
+  compare        one table across runs, evaluation and attack reports (markdown + JSON)
   eval           evaluate erasure in the toy world: base and adapters, report.json + report.html
   score          score image files with a reward (--reward NAME --prompt TEXT IMAGE...)
   toyworld       build the toy world's models and prompt sets (classifier, pretrain, clip, prompts, quality)
@@ -57,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         from .attack.run import cli as attack
 
         return attack(rest)
+    if command == "compare":
+        from .compare import main as compare
+
+        return compare(rest)
     if command == "eval":
         from .toyworld.evaluate import cli as evaluate
 
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return toyworld(rest)
     if command == "tiny-pipeline":
         return tiny_pipeline(rest)
-    valid = "train, classifier, attack, eval, score, toyworld, tiny-pipeline"
+    valid = "train, classifier, attack, compare, eval, score, toyworld, tiny-pipeline"
     print(f"rl-safety: error: unknown command {command!r}; valid commands: {valid}", file=sys.stderr)
     return 2
 

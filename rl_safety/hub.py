@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 from dataclasses import MISSING, fields
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -163,14 +164,19 @@ def push_failure(
     if isinstance(err, hub_errors.OfflineModeIsEnabled):
         return ConfigError(f"push failed (HF_HUB_OFFLINE is set): unset HF_HUB_OFFLINE, {rerun}")
     if status is not None:
-        reason = getattr(response, "reason_phrase", "") or ""
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = getattr(response, "reason_phrase", "") or ""
         server = " ".join(str(getattr(err, "server_message", "") or "").split())
         what = f"{status} {reason}".strip() + (f": {server}" if server else "")
         advice = {
             401: "log in with `hf auth login` or pass --token",
             403: f"use a token that may write to {namespace!r} (`hf auth login` or --token)",
             404: f"check the namespace {namespace!r} of --repo-id and that the token can see it",
-        }.get(status, "wait and retry" if status == 429 or status >= 500 else "fix the cause above")
+        }.get(
+            status, "the Hub is busy or failing, wait a few minutes" if status == 429 or status >= 500 else "fix that"
+        )
         return ConfigError(f"push failed ({what}): {advice}, {rerun}")
     if isinstance(err, hub_errors.HTTPError):  # transport: DNS, refused connection, timeout
         first = " ".join(str(err).split()) or type(err).__name__
@@ -210,7 +216,10 @@ def push(
             raise ConfigError(f"--dry-run: cannot write {target} ({err})") from err
         return str(target)
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-    token = token or get_token()
+    try:
+        token = token or get_token()
+    except UPLOAD_ERRORS as err:  # e.g. an OIDC token exchange (HF_OIDC_RESOURCE) that failed
+        raise push_failure(err, output_dir, repo_id, private, endpoint) from err
     if not token:
         raise ConfigError(
             f"push needs a Hugging Face token: log in with `hf auth login`, set HF_TOKEN or pass --token, then run "

@@ -13,6 +13,7 @@ commands:
   attack         PGD on text embeddings against a model or adapter: attack success rate, report.json + html
   compare        one table across runs, evaluation and attack reports (markdown + JSON)
   eval           evaluate erasure in the toy world: base and adapters, report.json + report.html
+  push           upload a run to the Hugging Face Hub (adapter, model card, recipe, report); --dry-run to check
   score          score image files with a reward (--reward NAME --prompt TEXT IMAGE...)
   toyworld       build the toy world's models and prompt sets (classifier, pretrain, clip, prompts, quality)
   tiny-pipeline  write a tiny random Stable Diffusion pipeline (offline tests, smoke runs, benchmarks)
@@ -66,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         from .toyworld.evaluate import cli as evaluate
 
         return evaluate(rest)
+    if command == "push":
+        from .hub import cli as push
+
+        return push(rest)
     if command == "score":
         from .score import main as score
 
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return toyworld(rest)
     if command == "tiny-pipeline":
         return tiny_pipeline(rest)
-    valid = "train, classifier, attack, compare, eval, score, toyworld, tiny-pipeline"
+    valid = "train, classifier, attack, compare, eval, push, score, toyworld, tiny-pipeline"
     print(f"rl-safety: error: unknown command {command!r}; valid commands: {valid}", file=sys.stderr)
     return 2
 

@@ -91,20 +91,42 @@ class MetricsFileCallback(TrainerCallback):
             handle.flush()
 
 
-def write_model_card(
-    output_dir: str | Path,
+def evaluation_table(report: Mapping[str, Any], adapter_name: str | None = None) -> str:
+    """report.json's metrics as a markdown table, one column per model (`adapter_name`'s column is headed
+    "adapter"); rows in the report's order, values as `rl-safety eval` prints them."""
+    models = report.get("models") or {}
+    metrics: list[str] = []
+    for values in models.values():
+        metrics += [m for m, v in values.items() if m not in metrics and (isinstance(v, Mapping) and "value" in v)]
+
+    def cell(value: Any) -> str:
+        return f"{value:.3f}" if isinstance(value, float | int) and not isinstance(value, bool) else "n/a"
+
+    header = ["metric"] + ["adapter" if name == adapter_name else name for name in models]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for metric in metrics:
+        cells = [cell(models[name].get(metric, {}).get("value")) for name in models]
+        lines.append(f"| `{metric}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def model_card(
     base_model: str,
     recipe: Mapping[str, Any],
     rewards: list[Mapping[str, Any]],
     final_metrics: Mapping[str, Any],
     trainer_name: str = "DiffusionGRPOTrainer",
     method_tag: str = "grpo",
-) -> None:
-    """A Hub model card (README.md) naming the base model, the recipe, the rewards and the final metrics."""
+    repo_id: str | None = None,
+    evaluation: Mapping[str, Any] | None = None,
+    adapter_name: str | None = None,
+) -> str:
+    """A Hub model card (README.md) naming the base model, the recipe, the rewards and the final metrics; with
+    `repo_id` the loading snippet names that repository, with `evaluation` (report.json) it holds the table."""
     card_data = ModelCardData(
         base_model=base_model if not Path(base_model).exists() else None,
         library_name="diffusers",
-        tags=["rl_safety", "lora", "text-to-image", "stable-diffusion", method_tag],
+        tags=["rl_safety", method_tag, "lora", "diffusers", "stable-diffusion", "text-to-image"],
         license="apache-2.0",
     )
     reward_lines = (
@@ -115,6 +137,17 @@ def write_model_card(
         or "| none (this method trains without rewards) | | |"
     )
     metric_lines = "\n".join(f"| `{k}` | {v:.4g} |" for k, v in final_metrics.items() if isinstance(v, float | int))
+    evaluation_section = ""
+    if evaluation:
+        concept = evaluation.get("target_concept")
+        about = f" (target concept: `{concept}`)" if concept else ""
+        evaluation_section = f"""
+## Evaluation
+
+From `eval/report.json`{about}: `base` is the model without the adapter.
+
+{evaluation_table(evaluation, adapter_name)}
+"""
     content = f"""---
 {card_data.to_yaml()}
 ---
@@ -127,7 +160,7 @@ Base model: `{base_model}`. Load it with diffusers:
 from diffusers import StableDiffusionPipeline
 
 pipe = StableDiffusionPipeline.from_pretrained("{base_model}")
-pipe.load_lora_weights("<this repository or folder>")
+pipe.load_lora_weights("{repo_id or "<this repository or folder>"}")
 ```
 
 ## Rewards
@@ -141,11 +174,18 @@ pipe.load_lora_weights("<this repository or folder>")
 | metric | value |
 |---|---|
 {metric_lines}
-
+{evaluation_section}
 ## Recipe
+
+`config.yaml` beside this card holds the fully resolved recipe.
 
 ```yaml
 {yaml.safe_dump(_plain(dict(recipe)), sort_keys=True).strip()}
 ```
 """
-    atomic_write_text(Path(output_dir) / "README.md", ModelCard(content).content)
+    return ModelCard(content).content
+
+
+def write_model_card(output_dir: str | Path, *args: Any, **kwargs: Any) -> None:
+    """`model_card(...)` written atomically to `output_dir/README.md`."""
+    atomic_write_text(Path(output_dir) / "README.md", model_card(*args, **kwargs))

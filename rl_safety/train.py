@@ -270,12 +270,13 @@ def main(argv: list[str] | None = None) -> int:
             method_tag=args.trainer,
         )
         print(summary(trainer.state.log_history, output_dir))
-    if args.push_to_hub:
-        trainer.push_to_hub()
     trainer.accelerator.wait_for_everyone()
     # After the last collective: the other processes may exit while the main one evaluates.
     if evaluation is not None and trainer.is_world_process_zero():
         evaluate_after_training(evaluation)
+    # Last, so the card holds the evaluation table; only the main process uploads (see DiffusionTrainer.push_to_hub).
+    if args.push_to_hub and trainer.is_world_process_zero():
+        print(f"pushed to {trainer.push_to_hub()}")
     return 0
 
 

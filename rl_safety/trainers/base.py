@@ -232,6 +232,39 @@ class DiffusionTrainer(Trainer):
     def create_model_card(self, *args, **kwargs) -> None:
         """The card is written by the train script, which knows the recipe and rewards (see `outputs.py`)."""
 
+    # ---- Hub --------------------------------------------------------------------------------------------------------
+    # With `push_to_hub: true`, transformers.Trainer pushes on its own: it creates the repository in __init__
+    # (`init_hf_repo`), uploads output_dir at every checkpoint (`_push_from_checkpoint`, per `hub_strategy`) and on
+    # every `save_model()`. A run is published once, at the end, after the model card and the evaluation are written,
+    # with the files `rl-safety push` uploads; so those three hooks do nothing here, and `push_to_hub()` uploads
+    # through `rl_safety.hub.push` (the train script calls it on the main process after the evaluation).
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        self.hub_model_id = self.args.hub_model_id  # the repository is created by the push, not before training
+        self.push_in_progress = None
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """No upload per checkpoint (see above)."""
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call=True)  # `_internal_call=False` would push (see above)
+
+    def push_to_hub(
+        self, commit_message: str | None = None, token: str | None = None, private: bool | None = None, **kwargs
+    ) -> str | None:
+        """Upload output_dir (adapter, model card, config.yaml, eval/) to `args.hub_model_id`, from the main process;
+        returns the repository URL. A failure is a one-line `ConfigError` naming the `rl-safety push` to rerun."""
+        from ..hub import push
+
+        if not self.is_world_process_zero():
+            return None
+        return push(
+            self.args.output_dir,
+            self.args.hub_model_id,
+            private=bool(self.args.hub_private_repo if private is None else private),
+            token=token or self.args.hub_token,
+            commit_message=commit_message,
+        )
+
 
 class EpochSeededSampler(torch.utils.data.Sampler):
     """Shuffled indices, reshuffled per epoch from (seed, epoch) alone, repeated to fill whole global batches even

@@ -11,6 +11,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from ..hub import check_repo_id
+
 
 @dataclass
 class DiffusionTrainingConfig(TrainingArguments):
@@ -146,6 +148,12 @@ class DiffusionTrainingConfig(TrainingArguments):
         if self.pgd_step_size is None:
             self.pgd_step_size = self.adv_epsilon / 4
         self.check((self.pgd_step_size > 0, "pgd_step_size", "must be > 0"))
+        if self.push_to_hub:
+            # Checked now, before any training, rather than when the run is over.
+            self.check(
+                (bool(self.hub_model_id), "push_to_hub", "needs hub_model_id: user/name, the repository to create")
+            )
+            check_repo_id(self.hub_model_id, flag="hub_model_id")
 
     def lora_targets(self) -> str | list[str]:
         """What the LoRA adapter wraps (peft's `target_modules`: module-name suffixes, or one full-match regex)."""

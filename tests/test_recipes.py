@@ -12,7 +12,8 @@ from rl_safety.trainers import TRAINERS
 
 from .conftest import REPO
 
-# Training recipes only: accelerate configs, evaluation and attack recipes and classifier (DyART) recipes have their own tests.
+# Training recipes only: accelerate configs, evaluation and attack recipes and classifier (DyART) recipes have
+# their own tests.
 TRAINING_RECIPES = sorted(
     p
     for p in (REPO / "recipes").rglob("*.yaml")

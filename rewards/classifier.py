@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from rl_safety.resources import resolve_path, tried
+
 from .base import Reward, RewardError
 
 # log(1 - p) is the useful penalty on a concept the base model shows with p ~ 1: p saturates, log(1 - p) still ranks
@@ -53,9 +55,9 @@ def load_classifier(
 ) -> torch.nn.Module:
     """A classifier on the CPU: `architecture(**architecture_args)` with the state dict in `checkpoint`, or, with no
     architecture, the TorchScript module in `checkpoint`."""
-    path = Path(checkpoint).expanduser()
+    path = Path(resolve_path(checkpoint, "file")).expanduser()  # as given, or a shipped file (rl_safety/resources.py)
     if not path.is_file():
-        raise RewardError(f"checkpoint={str(checkpoint)!r}: no such file")
+        raise RewardError(f"checkpoint={str(checkpoint)!r}: no such file{tried(checkpoint)}")
     if architecture is None:
         if path.suffix == ".safetensors":
             raise RewardError(

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from rl_safety.resources import resolve_path, tried
 from rl_safety.toyworld import ASSETS
 from rl_safety.toyworld.classifier import load_classifier
 from rl_safety.toyworld.data import LABELS, concept_head, named_attributes
@@ -28,9 +29,11 @@ DEFAULT_CLASSIFIER = ASSETS / "reward_classifier"
 
 def _load(classifier: str | os.PathLike) -> torch.nn.Module:
     try:
-        return load_classifier(classifier)
+        return load_classifier(resolve_path(classifier, "dir"))  # as given, or a shipped model (resources.py)
     except (OSError, KeyError, ValueError, RuntimeError) as err:  # missing files, bad JSON, mismatched weights
-        raise RewardError(f"classifier={str(classifier)!r}: not a toy-world classifier folder ({err})") from err
+        raise RewardError(
+            f"classifier={str(classifier)!r}: not a toy-world classifier folder ({err}){tried(classifier)}"
+        ) from err
 
 
 class ToyConceptPenalty(ClassifierReward):

@@ -7,6 +7,7 @@ from pathlib import Path
 from datasets import Dataset, concatenate_datasets, load_dataset
 
 from .prompt_config import PromptArguments
+from .resources import resolve_path, tried
 
 TABULAR = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -26,15 +27,15 @@ def read_prompt_file(path: str | Path, default_tag: str = "default") -> tuple[li
 
 
 def _load_source(source: str, args: PromptArguments) -> Dataset:
-    path = Path(source)
+    path = Path(resolve_path(source, "file"))  # as given, or the shipped prompts/... (rl_safety/resources.py)
     if path.suffix == ".txt":
         if not path.is_file():
-            raise FileNotFoundError(f"train_prompts: no prompt file {source!r}")
+            raise FileNotFoundError(f"train_prompts: no prompt file {source!r}{tried(source)}")
         prompts, tag = read_prompt_file(path, args.default_tag)
         return Dataset.from_dict({"prompt": prompts, "tag": [tag] * len(prompts)})
     if path.suffix in TABULAR:
         if not path.is_file():
-            raise FileNotFoundError(f"train_prompts: no prompt file {source!r}")
+            raise FileNotFoundError(f"train_prompts: no prompt file {source!r}{tried(source)}")
         data = load_dataset(TABULAR[path.suffix], data_files=str(path), split="train")
     else:
         data = load_dataset(source, split=args.dataset_train_split)

@@ -12,6 +12,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 from trl import TrlParser
 
+from .resources import resolve_recipe, tried
+
 
 class ConfigError(ValueError):
     """Bad user input (recipe, command line, paths): reported as one line, exit status 2."""
@@ -112,11 +114,13 @@ class RecipeParser(TrlParser):
             index = argv.index("--config")
             if index + 1 >= len(argv):
                 raise ConfigError("--config needs a recipe path, e.g. --config recipes/tiny/grpo_jpeg.yaml")
-            path = argv[index + 1]
+            given = argv[index + 1]
+            path = argv[index + 1] = resolve_recipe(given)  # as given, or a shipped recipe (rl_safety/resources.py)
             try:
                 open(path).close()
             except OSError as err:
-                raise ConfigError(f"--config {path}: cannot read the recipe ({err.strerror})") from err
+                where = tried(given, recipe=True) if path == given else ""
+                raise ConfigError(f"--config {given}: cannot read the recipe ({err.strerror}){where}") from err
         try:
             *outputs, remaining = self.parse_args_and_config(argv, return_remaining_strings=True)
         except ConfigError:

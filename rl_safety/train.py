@@ -36,6 +36,7 @@ from .pipelines import load_pipeline
 from .prompt_config import PromptArguments
 from .prompts import load_prompts
 from .recipe_parser import ConfigError, RecipeParser
+from .resources import resolve_path, resolve_recipe, resolve_reward_paths, tried
 from .toyworld.eval_config import ToyWorldEvalConfig
 from .trainers import TRAINERS, DiffusionTrainer, DiffusionTrainingConfig
 from .trainers.refl import check_differentiable
@@ -51,7 +52,7 @@ def trainer_name(argv: list[str]) -> str:
             name = arg.split("=", 1)[1]
     if name is None and "--config" in argv and argv.index("--config") + 1 < len(argv):
         try:
-            with open(argv[argv.index("--config") + 1]) as handle:
+            with open(resolve_recipe(argv[argv.index("--config") + 1])) as handle:
                 recipe = yaml.safe_load(handle)
         except (OSError, yaml.YAMLError):
             recipe = None  # the parser reports an unreadable recipe with its own message
@@ -90,6 +91,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, PromptArg
         args.output_dir = fill_target_concept(args.output_dir, concept, "output_dir")
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    # Shipped names (recipes/, prompts/, rl_safety/toyworld/assets/) work from any folder; outputs stay where given.
+    model_args.pretrained_model_name_or_path = resolve_path(model_args.pretrained_model_name_or_path, "dir")
+    prompt_args.train_prompts = [resolve_path(source, "file") for source in prompt_args.train_prompts]
+    args.rewards = resolve_reward_paths(args.rewards)
+    if args.eval_config:
+        args.eval_config = resolve_recipe(args.eval_config)
     return model_args, prompt_args, args
 
 
@@ -151,7 +158,7 @@ def build_trainer(
     model_path = model_args.pretrained_model_name_or_path
     looks_local = model_path.startswith((".", "/", "~")) or model_path.count("/") > 1
     if looks_local and not Path(model_path).expanduser().is_dir():
-        raise ConfigError(f"pretrained_model_name_or_path={model_path!r}: no such directory")
+        raise ConfigError(f"pretrained_model_name_or_path={model_path!r}: no such directory{tried(model_path)}")
     try:
         dataset = load_prompts(prompt_args)
     except (OSError, ValueError) as err:

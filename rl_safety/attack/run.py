@@ -26,6 +26,7 @@ from ..pipelines import LORA_WEIGHT_NAME, PromptEncoder, load_pipeline
 from ..prompts import read_prompt_file
 from ..recipe_parser import ConfigError, RecipeParser
 from ..report import write_report
+from ..resources import resolve_path, tried
 from .config import AttackConfig
 from .objectives import attack_loss
 from .pgd import pgd
@@ -112,14 +113,22 @@ def _rate(shows: torch.Tensor) -> dict:
     return {"value": shows.float().mean().item(), "n": len(shows)}
 
 
+def resolve_paths(config: AttackConfig) -> None:
+    """Prompts and models as given, or the shipped ones (`rl_safety/resources.py`): a recipe works from any folder."""
+    config.prompts = resolve_path(config.prompts, "file")
+    config.pretrained_model_name_or_path = resolve_path(config.pretrained_model_name_or_path, "dir")
+    config.judge_classifier = resolve_path(config.judge_classifier, "dir")
+
+
 def run_attack(config: AttackConfig) -> dict:
     """Attack every model of `config`; write report.json, the embeddings and report.html; return the report."""
     output_dir = Path(config.output_dir)
     if (output_dir / REPORT_NAME).exists() and not config.overwrite_output_dir:
         raise ConfigError(f"output_dir={str(output_dir)!r} holds a report; pass --overwrite_output_dir to replace it")
+    resolve_paths(config)
     path = Path(config.prompts)
     if not path.is_file():
-        raise ConfigError(f"prompts={config.prompts!r}: no such prompt file")
+        raise ConfigError(f"prompts={config.prompts!r}: no such prompt file{tried(config.prompts)}")
     prompts = read_prompt_file(path)[0][: config.max_prompts]
     if not prompts:
         raise ConfigError(f"prompts={config.prompts!r}: holds no prompts")
@@ -252,6 +261,7 @@ def parse_args(argv: list[str] | None = None) -> AttackConfig:
         config.output_dir = fill_target_concept(config.output_dir, config.target_concept, "output_dir")
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    resolve_paths(config)
     return config
 
 

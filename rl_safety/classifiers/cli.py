@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from ..outputs import CONFIG_NAME, METRICS_NAME, atomic_write_text, holds_previous_run, write_resolved_config
 from ..recipe_parser import ConfigError, RecipeParser
+from ..resources import resolve_path, tried
 from .config import ClassifierConfig
 from .data import DataError, ImageData, load_data
 from .evaluate import autoattack_name, evaluate_robustness, write_reports
@@ -55,10 +56,10 @@ def load_initial_weights(model: torch.nn.Module, checkpoint: str) -> None:
     """Load `init_checkpoint` (a safetensors file or a folder with model.safetensors) into `model`."""
     from safetensors.torch import load_file
 
-    path = Path(checkpoint).expanduser()
+    path = Path(resolve_path(checkpoint)).expanduser()  # as given, or a shipped model (rl_safety/resources.py)
     path = path / CHECKPOINT_NAME if path.is_dir() else path
     if not path.is_file():
-        raise ConfigError(f"init_checkpoint={checkpoint!r}: no {CHECKPOINT_NAME} there")
+        raise ConfigError(f"init_checkpoint={checkpoint!r}: no {CHECKPOINT_NAME} there{tried(checkpoint)}")
     try:
         model.load_state_dict(load_file(str(path)))
     except Exception as err:  # safetensors and load_state_dict fail their own ways: one line either way

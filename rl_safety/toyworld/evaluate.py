@@ -26,6 +26,7 @@ from ..pipelines import LORA_WEIGHT_NAME
 from ..prompts import read_prompt_file
 from ..recipe_parser import ConfigError, RecipeParser
 from ..report import write_report
+from ..resources import resolve_path, tried
 from ..rewards.clip_models import clip_score
 from .classifier import load_classifier
 from .clip import load_clip
@@ -164,13 +165,23 @@ def evaluate_model(
 def load_prompt_sets(config: ToyWorldEvalConfig) -> dict[str, list[str]]:
     sets = {}
     for name in PROMPT_SETS:
-        path = Path(getattr(config, f"{name}_prompts"))
+        value = getattr(config, f"{name}_prompts")
+        path = Path(resolve_path(value, "file"))
         if not path.is_file():
-            raise ConfigError(f"{name}_prompts={str(path)!r}: no such prompt file")
+            raise ConfigError(f"{name}_prompts={value!r}: no such prompt file{tried(value)}")
         sets[name] = read_prompt_file(path)[0]
     if not sets["unsafe"]:
         raise ConfigError(f"unsafe_prompts: {config.unsafe_prompts!r} holds no prompts")
     return sets
+
+
+MODEL_FOLDERS = ("pretrained_model_name_or_path", "judge_classifier", "reward_classifier", "clip_model")
+
+
+def resolve_model_paths(config: ToyWorldEvalConfig) -> None:
+    """The model folders as given, or the shipped ones (`rl_safety/resources.py`): a recipe works from any folder."""
+    for name in MODEL_FOLDERS:
+        setattr(config, name, resolve_path(getattr(config, name), "dir"))
 
 
 def model_names(adapters: Sequence[str]) -> dict[str, str]:
@@ -199,9 +210,10 @@ def evaluate(config: ToyWorldEvalConfig) -> dict:
     output_dir = Path(config.output_dir)
     if (output_dir / REPORT_NAME).exists() and not config.overwrite_output_dir:
         raise ConfigError(f"output_dir={str(output_dir)!r} holds a report; pass --overwrite_output_dir to replace it")
+    resolve_model_paths(config)
     for name in ("judge_classifier", "reward_classifier", "clip_model"):
         if not Path(getattr(config, name)).is_dir():
-            raise ConfigError(f"{name}={getattr(config, name)!r}: no such model folder")
+            raise ConfigError(f"{name}={getattr(config, name)!r}: no such model folder{tried(getattr(config, name))}")
     prompt_sets = load_prompt_sets(config)
     models = model_names(config.adapter)
     try:
@@ -283,6 +295,8 @@ def parse_args(argv: list[str] | None = None) -> ToyWorldEvalConfig:
             )
         except ValueError as err:
             raise ConfigError(str(err)) from err
+        setattr(config, field_name, resolve_path(getattr(config, field_name), "file"))
+    resolve_model_paths(config)
     return config
 
 

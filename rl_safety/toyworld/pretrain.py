@@ -6,7 +6,8 @@ Two stages, each resumable from its own checkpoint in `output_dir`:
      schedule, caption dropout for classifier-free guidance, EMA of both networks' weights).
 The EMA weights are exported as a standard diffusers folder (`output_dir/pipeline`) that loads with
 `StableDiffusionPipeline.from_pretrained`. The tokenizer is word-level over the toy vocabulary (every caption word,
-held-out synonyms included, is one token) with a byte-level fallback, so any prompt still encodes.
+held-out synonyms included, is one token) with a byte-level fallback, so any prompt still encodes. The folder is
+written in the layout of SD checkpoints on the Hub, which transformers 4 and 5 both read (`write_portable_layout`).
 
     python -m rl_safety.toyworld.pretrain --output_dir runs/toyworld --vae_steps 2000 --unet_steps 15000
 """
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -47,6 +49,9 @@ from rl_safety.toyworld.data import (
 )
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# Real SD checkpoints name the text encoder's weights `text_model.…` (CLIPTextModel's own attribute). transformers 5
+# saves them without it, and transformers 4 then loads none of them (random weights, only a warning).
+TEXT_MODEL_PREFIX = "text_model."
 
 
 def _field(default, help: str):
@@ -432,6 +437,7 @@ def save_pipeline(path: str | Path, tokenizer, text_encoder, vae, unet, schedule
     )
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
     pipe.save_pretrained(tmp, safe_serialization=True)
+    write_portable_layout(tmp)
     if path.exists():  # a directory cannot be renamed over a non-empty one: move the old one aside first
         old = path.with_name(f".old-{path.name}")
         shutil.rmtree(old, ignore_errors=True)
@@ -441,6 +447,53 @@ def save_pipeline(path: str | Path, tokenizer, text_encoder, vae, unet, schedule
     else:
         os.replace(tmp, path)
     return path
+
+
+def prefix_text_encoder_weights(folder: str | Path) -> bool:
+    """Rename the weights in `folder/model.safetensors` to `text_model.…` (the layout of SD checkpoints on the Hub,
+    which transformers 4 and 5 both load); the tensors are unchanged. Returns whether the file was rewritten."""
+    path = Path(folder) / "model.safetensors"
+    state = load_file(str(path))
+    if all(key.startswith(TEXT_MODEL_PREFIX) for key in state):
+        return False
+    state = {key if key.startswith(TEXT_MODEL_PREFIX) else TEXT_MODEL_PREFIX + key: t for key, t in state.items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({key: state[key] for key in sorted(state)}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+    return True
+
+
+def write_slow_tokenizer_files(folder: str | Path) -> None:
+    """Write `vocab.json`, `merges.txt` and `special_tokens_map.json` beside `tokenizer.json`: the files the
+    Python `CLIPTokenizer` (transformers 4's, what diffusers loads there) reads. Same BPE, so the same ids."""
+    folder = Path(folder)
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    model = spec["model"]
+    if model.get("type") != "BPE":
+        raise ValueError(f"{folder}: expected a BPE tokenizer.json, got {model.get('type')!r}")
+    vocab = dict(model["vocab"])
+    for token in spec.get("added_tokens", []):
+        vocab.setdefault(token["content"], token["id"])
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    if any(len(m.split(" ")) != 2 for m in merges):
+        raise ValueError(f"{folder}: a merge holds a space, which merges.txt cannot write")
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if k in config}
+    files = {
+        "vocab.json": json.dumps(dict(sorted(vocab.items(), key=lambda kv: kv[1])), indent=2, ensure_ascii=False),
+        "merges.txt": "\n".join(["#version: 0.2", *merges]),
+        "special_tokens_map.json": json.dumps(special, indent=2),
+    }
+    for name, text in files.items():
+        (folder / name).write_text(text + "\n", encoding="utf-8")
+
+
+def write_portable_layout(pipeline: str | Path) -> None:
+    """Make a saved pipeline folder load the same under transformers 4 and 5: `text_model.`-prefixed text-encoder
+    weights and the slow tokenizer's files (see the two functions above)."""
+    pipeline = Path(pipeline)
+    prefix_text_encoder_weights(pipeline / "text_encoder")
+    write_slow_tokenizer_files(pipeline / "tokenizer")
 
 
 def log_metrics(config: PretrainConfig, **metrics) -> None:

@@ -55,7 +55,18 @@ def add_lora(unet: torch.nn.Module, rank: int, alpha: float, target_modules: str
     torch.manual_seed(seed)  # the A matrices' initialisation is part of the run's reproducibility
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian")
-    unet.add_adapter(config)
+    try:
+        unet.add_adapter(config)
+    except ValueError as err:  # peft's NoMatchingPeftModuleError and friends: say what would match
+        if "not found" not in str(err) and "match" not in str(err):
+            raise
+        names = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)}
+        )
+        raise ValueError(
+            f"lora_target_modules={target_modules!r}: no module of the UNet matches; Linear/Conv2d names in it: "
+            f"{', '.join(names)}"
+        ) from err
     for param in unet.parameters():
         if param.requires_grad:
             param.data = param.data.float()

@@ -22,7 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from rl_safety.rewards import RewardError, RewardStack
 
-from .concept import fill_target_concept
+from .concept import check_concept_files, fill_target_concept
 from .model_config import ModelArguments
 from .outputs import (
     CONFIG_NAME,
@@ -86,6 +86,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, PromptArg
     model_args, prompt_args, args = parser.parse(argv)
     concept = prompt_args.target_concept
     try:
+        check_concept_files(list(prompt_args.train_prompts or []), concept, "train_prompts")
         prompt_args.train_prompts = fill_target_concept(prompt_args.train_prompts, concept, "train_prompts")
         args.rewards = fill_target_concept(args.rewards, concept, "rewards")
         args.output_dir = fill_target_concept(args.output_dir, concept, "output_dir")

@@ -19,7 +19,7 @@ from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..concept import fill_target_concept
+from ..concept import check_concept_files, fill_target_concept
 from ..model_config import ModelArguments
 from ..outputs import atomic_write_text
 from ..pipelines import LORA_WEIGHT_NAME, PromptEncoder, load_pipeline
@@ -257,6 +257,7 @@ def protocol(config: AttackConfig, num_prompts: int) -> dict:
 def parse_args(argv: list[str] | None = None) -> AttackConfig:
     (config,) = RecipeParser((AttackConfig,), prog="rl-safety attack").parse(argv)
     try:
+        check_concept_files([config.prompts], config.target_concept, "prompts")
         config.prompts = fill_target_concept(config.prompts, config.target_concept, "prompts")
         config.output_dir = fill_target_concept(config.output_dir, config.target_concept, "output_dir")
     except ValueError as err:

@@ -20,7 +20,7 @@ from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..concept import fill_target_concept
+from ..concept import check_concept_files, fill_target_concept
 from ..outputs import atomic_write_text
 from ..pipelines import LORA_WEIGHT_NAME
 from ..prompts import read_prompt_file
@@ -290,6 +290,7 @@ def parse_args(argv: list[str] | None = None) -> ToyWorldEvalConfig:
     for name in PROMPT_SETS:
         field_name = f"{name}_prompts"
         try:
+            check_concept_files([getattr(config, field_name)], config.target_concept, field_name)
             setattr(
                 config, field_name, fill_target_concept(getattr(config, field_name), config.target_concept, field_name)
             )

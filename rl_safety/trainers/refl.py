@@ -195,7 +195,7 @@ class ReFLTrainer(DiffusionTrainer):
 
 def check_differentiable(reward_stack: RewardStack) -> None:
     """A one-line ValueError naming the rewards whose gradient cannot reach the image, and listing those that can."""
-    not_differentiable = [n for n in reward_stack.names if not reward_stack.is_differentiable(n)]
+    not_differentiable = [reward_stack.labels[n] for n in reward_stack.names if not reward_stack.is_differentiable(n)]
     if not_differentiable:
         raise ValueError(
             f"rewards: {', '.join(not_differentiable)} not differentiable, and ReFL needs the reward's gradient; "

@@ -75,6 +75,7 @@ class DiffusionTrainer(Trainer):
         self.latent_shape = (unet.config.in_channels, side, side)
         self._last_logged_step = 0
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._images_drawn = 0  # images sampled (all processes) since the last log; a trainer that samples counts them
         self.model_accepts_loss_kwargs = False
         self.adversarial_pool = self._build_adversarial_pool() if args.adv_train else None
 
@@ -205,6 +206,12 @@ class DiffusionTrainer(Trainer):
         for key in self._per_step_keys:
             if self._metrics.get(key):
                 metrics[key] = sum(self._metrics[key]) / steps
+        # The whole iteration's rate (sampling, rewards and update): images drawn over the window's `time/step`
+        # seconds; `sampling/images_per_second` is the sampler's alone.
+        step_seconds = sum(self._metrics.get("time/step", []))
+        if self._images_drawn and step_seconds > 0:
+            metrics["images_per_second"] = self._images_drawn / step_seconds
+        self._images_drawn = 0
         self._last_logged_step = self.state.global_step
         logs.update(metrics)
         super().log(logs, start_time)

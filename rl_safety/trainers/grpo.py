@@ -182,7 +182,9 @@ class DiffusionGRPOTrainer(DiffusionTrainer):
         m["advantages/abs_mean"].append(advantages.abs().mean().item())
         m["time/sampling"].append(sampling_time)
         m["time/reward"].append(reward_time)
-        m["images_per_second"].append(batch * self.accelerator.num_processes / sampling_time)
+        images_drawn = batch * self.accelerator.num_processes
+        m["sampling/images_per_second"].append(images_drawn / sampling_time)
+        self._images_drawn += images_drawn  # images_per_second: over the whole step's time (see DiffusionTrainer.log)
 
         # A random subset of each trajectory's steps is trained on, drawn per image.
         order = self._global_randn(batch, (args.num_inference_steps,), generator).argsort(dim=1)

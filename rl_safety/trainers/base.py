@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from accelerate.utils import broadcast
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from tqdm.auto import tqdm
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.trainer.utils import RepeatSampler
@@ -143,6 +144,12 @@ class DiffusionTrainer(Trainer):
         cond, tags = pool.apply(prompts, tags, cond, step)
         self._metrics["adversarial/share"].append(sum(t == "adversarial" for t in tags) / max(1, len(tags)))
         return cond, tags
+
+    # ---- progress ---------------------------------------------------------------------------------------------------
+    def _progress(self, iterable, desc: str):
+        """A transient tqdm bar over `iterable` on the local main process, off with `disable_tqdm` (as Trainer's)."""
+        disable = self.args.disable_tqdm or not self.is_local_process_zero()
+        return tqdm(iterable, desc=desc, leave=False, disable=disable)
 
     # ---- data -------------------------------------------------------------------------------------------------------
     def _prompt_sampler(self, mini_repeat_count: int, batch_size: int, repeat_count: int) -> RepeatSampler:

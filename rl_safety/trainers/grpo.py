@@ -18,7 +18,6 @@ import torch
 from accelerate.utils import DistributedType
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from rl_safety.rewards import RewardStack
@@ -122,7 +121,7 @@ class DiffusionGRPOTrainer(DiffusionTrainer):
         latents = self._initial_noise(batch, generator)
         chunk = args.sample_batch_size or batch
         trajectory, log_probs = [latents], []
-        for t in tqdm(self.scheduler.timesteps, desc="rollout", leave=False, disable=not self.is_local_process_zero()):
+        for t in self._progress(self.scheduler.timesteps, "rollout"):
             step_noise = self._global_randn(batch, self.latent_shape, generator)
             preds = [
                 self._guided_noise_pred(model, latents[i : i + chunk], t, cond[i : i + chunk])

@@ -7,6 +7,7 @@ Each method (`grpo.py`, `refl.py`) subclasses `DiffusionTrainer` and writes its 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from accelerate.utils import broadcast
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.configuration_utils import FrozenDict
 from tqdm.auto import tqdm
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -29,6 +31,27 @@ from .base_config import DiffusionTrainingConfig
 
 def _collate(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return features
+
+
+class TrackableConfig(FrozenDict):
+    """A diffusers model config (still a `FrozenDict`, so diffusers reads it as before) that also answers
+    `to_dict()` and `to_json_string()`, the two `PretrainedConfig` methods transformers' tracker callbacks call on
+    `model.config` when training begins: TensorBoard's `to_json_string()` (which a plain FrozenDict lacks: the crash
+    of `--report_to tensorboard`), and `to_dict()` in W&B's end-of-run model upload and the MLflow, Comet, Neptune
+    and ClearML callbacks. W&B and trackio take a dict as is."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str) + "\n"
+
+
+def expose_config_to_trackers(model: torch.nn.Module) -> None:
+    """Give a diffusers model's `config` the `PretrainedConfig` methods trackers call (see `TrackableConfig`)."""
+    config = getattr(model, "_internal_dict", None)
+    if isinstance(config, FrozenDict) and not isinstance(config, TrackableConfig):
+        model._internal_dict = TrackableConfig(config)
 
 
 class DiffusionTrainer(Trainer):
@@ -59,6 +82,7 @@ class DiffusionTrainer(Trainer):
             # A diffusers UNet checkpoints its own blocks; Trainer's hook targets transformers models.
             unet.enable_gradient_checkpointing()
             args.gradient_checkpointing = args.activation_checkpointing = False
+        expose_config_to_trackers(unet)
         super().__init__(
             model=unet, args=args, train_dataset=train_dataset, data_collator=_collate, callbacks=callbacks
         )

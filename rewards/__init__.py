@@ -8,6 +8,7 @@ from .base import (
     RewardStack,
     available_rewards,
     build_reward,
+    default_reward_name,
     resolve_reward,
 )
 from .jpeg import JpegCompressibility, JpegIncompressibility, jpeg_kilobytes
@@ -22,6 +23,7 @@ __all__ = [
     "RewardStack",
     "available_rewards",
     "build_reward",
+    "default_reward_name",
     "jpeg_kilobytes",
     "resolve_reward",
 ]

@@ -9,6 +9,7 @@ signature is accepted too (a plugin can be a plain function).
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -75,6 +76,17 @@ def resolve_reward(name: str) -> Callable[..., Any]:
     )
 
 
+def default_reward_name(name: str) -> str:
+    """The name a reward is logged under (`rewards/<name>/mean`) when its entry has no `alias`: a built-in's or an
+    entry point's name as is, and for a `package.module:attr` path the attribute snake_cased (`pkg.mod:PickScore` ->
+    `pick_score`, `my_rewards.brightness:brightness` -> `brightness`), so metric names carry no `:` or dots."""
+    if ":" not in name:
+        return name
+    attr = name.rpartition(":")[2].rpartition(".")[2]
+    snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", attr).lower()
+    return re.sub(r"[^a-z0-9_]+", "_", snake).strip("_") or name
+
+
 def build_reward(name: str, args: Mapping[str, Any] | None = None) -> Callable[..., torch.Tensor]:
     """Instantiate a reward by name. A factory that is a class or function taking the args is called with them;
     a plain reward function (no args given) is used as is."""
@@ -103,11 +115,18 @@ class RewardOutput:
 class RewardStack(torch.nn.Module):
     """Named rewards with weights; returns the weighted total and every component (logged as `rewards/<name>/...`)."""
 
-    def __init__(self, rewards: Mapping[str, Callable[..., torch.Tensor]], weights: Mapping[str, float]):
+    def __init__(
+        self,
+        rewards: Mapping[str, Callable[..., torch.Tensor]],
+        weights: Mapping[str, float],
+        labels: Mapping[str, str] | None = None,
+    ):
         super().__init__()
         if not rewards:
             raise RewardError("no rewards configured; add at least one entry under `rewards`")
         self.names = list(rewards)
+        # How error messages name each reward: as the recipe wrote it (`name`, or `alias` when given).
+        self.labels = {name: (labels or {}).get(name, name) for name in self.names}
         self.weights = {name: float(weights.get(name, 1.0)) for name in self.names}
         # nn.ModuleDict moves module rewards with .to(); plain callables are kept beside it.
         self.modules_ = torch.nn.ModuleDict({n: r for n, r in rewards.items() if isinstance(r, torch.nn.Module)})
@@ -115,8 +134,11 @@ class RewardStack(torch.nn.Module):
 
     @classmethod
     def from_config(cls, entries: Sequence[Mapping[str, Any]], weights: Sequence[float] | None = None) -> RewardStack:
-        """Build from recipe entries `{name, weight?, args?, alias?}`; `weights` (TRL's `reward_weights`) overrides."""
-        rewards, entry_weights = {}, {}
+        """Build from recipe entries `{name, weight?, args?, alias?}`; `weights` (TRL's `reward_weights`) overrides.
+
+        Each reward is keyed (and logged) by its `alias`, else by `default_reward_name(name)`; two entries with the
+        same key are a one-line error asking for an alias."""
+        rewards, entry_weights, labels, index = {}, {}, {}, {}
         for i, entry in enumerate(entries):
             if not isinstance(entry, Mapping) or "name" not in entry:
                 raise RewardError(f"rewards[{i}]: expected a mapping with a 'name' key, got {entry!r}")
@@ -125,16 +147,23 @@ class RewardStack(torch.nn.Module):
                 raise RewardError(
                     f"rewards[{i}]: unknown keys {sorted(unknown)}; valid keys: name, weight, args, alias"
                 )
-            key = entry.get("alias", entry["name"])
+            label = entry.get("alias", entry["name"])
+            key = entry["alias"] if "alias" in entry else default_reward_name(entry["name"])
             if key in rewards:
-                raise RewardError(f"rewards[{i}]: {key!r} appears twice; give one of them an 'alias'")
+                if label == labels[key]:
+                    raise RewardError(f"rewards[{i}]: {key!r} appears twice; give one of them an 'alias'")
+                raise RewardError(
+                    f"rewards[{i}]: {label!r} is logged as {key!r}, the name of rewards[{index[key]}] "
+                    f"({labels[key]!r}); give one of them an 'alias'"
+                )
             rewards[key] = build_reward(entry["name"], entry.get("args"))
             entry_weights[key] = float(entry.get("weight", 1.0))
+            labels[key], index[key] = label, i
         if weights is not None:
             if len(weights) != len(rewards):
                 raise RewardError(f"reward_weights has {len(weights)} values for {len(rewards)} rewards")
             entry_weights = dict(zip(rewards, map(float, weights)))
-        return cls(rewards, entry_weights)
+        return cls(rewards, entry_weights, labels)
 
     def _reward(self, name: str) -> Callable[..., torch.Tensor]:
         return self.modules_[name] if name in self.modules_ else self.callables[name]
@@ -153,12 +182,12 @@ class RewardStack(torch.nn.Module):
             value = torch.as_tensor(self._reward(name)(images, prompts, **context), device=images.device).float()
             if value.shape != (images.shape[0],):
                 raise RewardError(
-                    f"reward {name!r} returned shape {tuple(value.shape)}; expected ({images.shape[0]},)"
+                    f"reward {self.labels[name]!r} returned shape {tuple(value.shape)}; expected ({images.shape[0]},)"
                 )
             bad = (~torch.isfinite(value)).nonzero().flatten()
             if len(bad):
                 i = bad[0].item()
-                raise RewardError(f"reward {name!r} returned {value[i].item()} for prompt {prompts[i]!r}")
+                raise RewardError(f"reward {self.labels[name]!r} returned {value[i].item()} for prompt {prompts[i]!r}")
             components[name] = value
             total = total + self.weights[name] * value
         return RewardOutput(total=total, components=components)

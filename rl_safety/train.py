@@ -6,6 +6,7 @@ accelerate launch [--config_file recipes/accelerate/multi_gpu.yaml] -m rl_safety
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -247,8 +248,43 @@ def evaluate_after_training(config: ToyWorldEvalConfig) -> None:
     print(f"evaluation report: {Path(config.output_dir) / 'report.html'}")
 
 
+@contextlib.contextmanager
+def library_progress_bars(enabled: bool):
+    """Turn the loading bars of diffusers, transformers and huggingface_hub off (when not `enabled`) for the block,
+    restoring their previous state after: `disable_tqdm` then silences every bar of a run, not only Trainer's."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    if enabled:
+        yield
+        return
+    was = (
+        diffusers_logging.is_progress_bar_enabled(),
+        transformers_logging.is_progress_bar_enabled(),
+        not are_progress_bars_disabled(),
+    )
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        for on, library in zip(was[:2], (diffusers_logging, transformers_logging)):
+            if on:
+                library.enable_progress_bar()
+        if was[2]:
+            enable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     model_args, prompt_args, args = parse_args(argv)
+    with library_progress_bars(enabled=not args.disable_tqdm):
+        return run(model_args, prompt_args, args)
+
+
+def run(model_args: ModelArguments, prompt_args: PromptArguments, args: DiffusionTrainingConfig) -> int:
+    """Train (and evaluate, with `eval_config`) as the parsed recipe says; `main` without the parsing."""
     # Read before any work, so a bad evaluation recipe fails now rather than after training.
     evaluation = None
     if args.eval_config:

@@ -37,10 +37,16 @@ def test_run_writes_outputs_and_trl_metrics(tiny_sd_path, prompt_file, tmp_path)
         "kl",
         "clip_ratio",
         "images_per_second",
+        "sampling/images_per_second",
         "time/sampling",
         "time/update",
     ):
         assert key in step_logs[0], key
+    # The whole iteration's rate is below the sampler's alone: sampling is only part of a step's time.
+    for r in step_logs:
+        assert 0 < r["images_per_second"] < r["sampling/images_per_second"]
+        images = 4  # per_device_train_batch_size, one rollout per step
+        assert r["images_per_second"] == pytest.approx(images / r["time/step"])
     # The adapter starts as a no-op, so the first step's policy is the base model: KL exactly 0, ratio exactly 1.
     assert step_logs[0]["kl"] == 0.0
     assert step_logs[0]["clip_ratio"] == 0.0

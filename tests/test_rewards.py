@@ -10,6 +10,7 @@ from rl_safety.rewards import (
     RewardError,
     RewardStack,
     available_rewards,
+    default_reward_name,
     jpeg_kilobytes,
     resolve_reward,
 )
@@ -75,6 +76,45 @@ def test_bad_entries():
         RewardStack.from_config([{"name": "jpeg_compressibility"}, {"name": "jpeg_compressibility"}])
     with pytest.raises(RewardError, match="bad args"):
         RewardStack.from_config([{"name": "jpeg_compressibility", "args": {"qualty": 3}}])
+
+
+def test_import_path_rewards_get_clean_metric_names(tmp_path, monkeypatch):
+    """A `package.module:attr` reward is logged under its attribute's name, snake_cased (no ':' or '.' in metric
+    names); an alias wins; two rewards that would share a name are one line asking for an alias."""
+    assert default_reward_name("pkg.mod:Cls") == "cls"
+    assert default_reward_name("my_rewards.brightness:brightness") == "brightness"
+    assert default_reward_name("pkg.mod:JpegIncompressibility") == "jpeg_incompressibility"
+    assert default_reward_name("pkg.mod:CLIPScore") == "clip_score"
+    assert default_reward_name("jpeg_compressibility") == "jpeg_compressibility"  # built-ins and entry points as is
+    (tmp_path / "pathmod.py").write_text(
+        "import torch\n"
+        "class MeanBrightness(torch.nn.Module):\n"
+        "    def forward(self, images, prompts, **context):\n"
+        "        return images.mean(dim=(1, 2, 3))\n"
+        "def brightness(images, prompts, **context):\n"
+        "    return images.mean(dim=(1, 2, 3))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    stack = RewardStack.from_config(
+        [
+            {"name": "pathmod:MeanBrightness"},
+            {"name": "pathmod:brightness", "alias": "bright"},
+            {"name": "jpeg_compressibility"},
+        ]
+    )
+    assert stack.names == ["mean_brightness", "bright", "jpeg_compressibility"]
+    assert set(stack(smooth_and_noisy(), ["a", "b"]).components) == set(stack.names)
+    with pytest.raises(RewardError) as err:
+        RewardStack.from_config([{"name": "pathmod:brightness"}, {"name": "pathmod:brightness", "weight": 2}])
+    assert str(err.value) == "rewards[1]: 'brightness' appears twice; give one of them an 'alias'"
+    with pytest.raises(RewardError) as err:
+        RewardStack.from_config(
+            [{"name": "jpeg_compressibility"}, {"name": "rl_safety.rewards.jpeg:JpegCompressibility"}]
+        )
+    assert str(err.value) == (
+        "rewards[1]: 'rl_safety.rewards.jpeg:JpegCompressibility' is logged as 'jpeg_compressibility', the name of "
+        "rewards[0] ('jpeg_compressibility'); give one of them an 'alias'"
+    )
 
 
 def test_entry_point_plugin(tmp_path, monkeypatch):

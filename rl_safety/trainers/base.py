@@ -7,6 +7,7 @@ Each method (`grpo.py`, `refl.py`) subclasses `DiffusionTrainer` and writes its 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from typing import Any
 import torch
 from accelerate.utils import broadcast
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.configuration_utils import FrozenDict
+from tqdm.auto import tqdm
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.trainer.utils import RepeatSampler
@@ -28,6 +31,27 @@ from .base_config import DiffusionTrainingConfig
 
 def _collate(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return features
+
+
+class TrackableConfig(FrozenDict):
+    """A diffusers model config (still a `FrozenDict`, so diffusers reads it as before) that also answers
+    `to_dict()` and `to_json_string()`, the two `PretrainedConfig` methods transformers' tracker callbacks call on
+    `model.config` when training begins: TensorBoard's `to_json_string()` (which a plain FrozenDict lacks: the crash
+    of `--report_to tensorboard`), and `to_dict()` in W&B's end-of-run model upload and the MLflow, Comet, Neptune
+    and ClearML callbacks. W&B and trackio take a dict as is."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str) + "\n"
+
+
+def expose_config_to_trackers(model: torch.nn.Module) -> None:
+    """Give a diffusers model's `config` the `PretrainedConfig` methods trackers call (see `TrackableConfig`)."""
+    config = getattr(model, "_internal_dict", None)
+    if isinstance(config, FrozenDict) and not isinstance(config, TrackableConfig):
+        model._internal_dict = TrackableConfig(config)
 
 
 class DiffusionTrainer(Trainer):
@@ -58,6 +82,7 @@ class DiffusionTrainer(Trainer):
             # A diffusers UNet checkpoints its own blocks; Trainer's hook targets transformers models.
             unet.enable_gradient_checkpointing()
             args.gradient_checkpointing = args.activation_checkpointing = False
+        expose_config_to_trackers(unet)
         super().__init__(
             model=unet, args=args, train_dataset=train_dataset, data_collator=_collate, callbacks=callbacks
         )
@@ -75,6 +100,7 @@ class DiffusionTrainer(Trainer):
         self.latent_shape = (unet.config.in_channels, side, side)
         self._last_logged_step = 0
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._images_drawn = 0  # images sampled (all processes) since the last log; a trainer that samples counts them
         self.model_accepts_loss_kwargs = False
         self.adversarial_pool = self._build_adversarial_pool() if args.adv_train else None
 
@@ -143,6 +169,12 @@ class DiffusionTrainer(Trainer):
         self._metrics["adversarial/share"].append(sum(t == "adversarial" for t in tags) / max(1, len(tags)))
         return cond, tags
 
+    # ---- progress ---------------------------------------------------------------------------------------------------
+    def _progress(self, iterable, desc: str):
+        """A transient tqdm bar over `iterable` on the local main process, off with `disable_tqdm` (as Trainer's)."""
+        disable = self.args.disable_tqdm or not self.is_local_process_zero()
+        return tqdm(iterable, desc=desc, leave=False, disable=disable)
+
     # ---- data -------------------------------------------------------------------------------------------------------
     def _prompt_sampler(self, mini_repeat_count: int, batch_size: int, repeat_count: int) -> RepeatSampler:
         # Same seed on every process: every process sees the global batch and keeps its own slice.
@@ -205,6 +237,12 @@ class DiffusionTrainer(Trainer):
         for key in self._per_step_keys:
             if self._metrics.get(key):
                 metrics[key] = sum(self._metrics[key]) / steps
+        # The whole iteration's rate (sampling, rewards and update): images drawn over the window's `time/step`
+        # seconds; `sampling/images_per_second` is the sampler's alone.
+        step_seconds = sum(self._metrics.get("time/step", []))
+        if self._images_drawn and step_seconds > 0:
+            metrics["images_per_second"] = self._images_drawn / step_seconds
+        self._images_drawn = 0
         self._last_logged_step = self.state.global_step
         logs.update(metrics)
         super().log(logs, start_time)

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
-from tqdm.auto import tqdm
 
 from ..sampling import ddim_step
 from .base import DiffusionTrainer, EpochSeededSampler, adapters_disabled
@@ -92,7 +91,7 @@ class ESDTrainer(DiffusionTrainer):
         latents = self._global_randn(batch, self.latent_shape, generator) * self.scheduler.init_noise_sigma
         with torch.no_grad():
             steps = self.scheduler.timesteps[:k]
-            for t in tqdm(steps, desc="sampling", leave=False, disable=not self.is_local_process_zero()):
+            for t in self._progress(steps, "sampling"):
                 noise = self._global_randn(batch, self.latent_shape, generator) if args.eta > 0 else None
                 pred = self._guided_noise_pred(model, latents, t, cond, guidance_scale=args.start_guidance)
                 latents = ddim_step(self.scheduler, pred, t, latents, args.eta, noise=noise).prev_sample

@@ -18,7 +18,6 @@ import torch
 from accelerate.utils import DistributedType
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from rl_safety.rewards import RewardStack
@@ -122,7 +121,7 @@ class DiffusionGRPOTrainer(DiffusionTrainer):
         latents = self._initial_noise(batch, generator)
         chunk = args.sample_batch_size or batch
         trajectory, log_probs = [latents], []
-        for t in tqdm(self.scheduler.timesteps, desc="rollout", leave=False, disable=not self.is_local_process_zero()):
+        for t in self._progress(self.scheduler.timesteps, "rollout"):
             step_noise = self._global_randn(batch, self.latent_shape, generator)
             preds = [
                 self._guided_noise_pred(model, latents[i : i + chunk], t, cond[i : i + chunk])
@@ -182,7 +181,9 @@ class DiffusionGRPOTrainer(DiffusionTrainer):
         m["advantages/abs_mean"].append(advantages.abs().mean().item())
         m["time/sampling"].append(sampling_time)
         m["time/reward"].append(reward_time)
-        m["images_per_second"].append(batch * self.accelerator.num_processes / sampling_time)
+        images_drawn = batch * self.accelerator.num_processes
+        m["sampling/images_per_second"].append(images_drawn / sampling_time)
+        self._images_drawn += images_drawn  # images_per_second: over the whole step's time (see DiffusionTrainer.log)
 
         # A random subset of each trajectory's steps is trained on, drawn per image.
         order = self._global_randn(batch, (args.num_inference_steps,), generator).argsort(dim=1)

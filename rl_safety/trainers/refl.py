@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
-from tqdm.auto import tqdm
 
 from rl_safety.rewards import RewardStack
 
@@ -116,7 +115,7 @@ class ReFLTrainer(DiffusionTrainer):
         timesteps = self.scheduler.timesteps
         start = time.perf_counter()
         with torch.no_grad():
-            for t in tqdm(timesteps[:k], desc="sampling", leave=False, disable=not self.is_local_process_zero()):
+            for t in self._progress(timesteps[:k], "sampling"):
                 noise = self._global_randn(batch, self.latent_shape, generator) if args.eta > 0 else None
                 pred = self._guided_noise_pred(model, latents, t, cond)
                 latents = ddim_step(self.scheduler, pred, t, latents, args.eta, noise=noise).prev_sample
@@ -195,7 +194,7 @@ class ReFLTrainer(DiffusionTrainer):
 
 def check_differentiable(reward_stack: RewardStack) -> None:
     """A one-line ValueError naming the rewards whose gradient cannot reach the image, and listing those that can."""
-    not_differentiable = [n for n in reward_stack.names if not reward_stack.is_differentiable(n)]
+    not_differentiable = [reward_stack.labels[n] for n in reward_stack.names if not reward_stack.is_differentiable(n)]
     if not_differentiable:
         raise ValueError(
             f"rewards: {', '.join(not_differentiable)} not differentiable, and ReFL needs the reward's gradient; "

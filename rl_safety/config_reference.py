@@ -10,6 +10,7 @@ import dataclasses
 from transformers import TrainingArguments
 
 from .attack.config import AttackConfig
+from .classifiers.config import ClassifierConfig
 from .model_config import ModelArguments
 from .prompt_config import PromptArguments
 from .toyworld.eval_config import ToyWorldEvalConfig
@@ -67,6 +68,7 @@ def reference() -> str:
         ),
         ("Evaluation (`ToyWorldEvalConfig`, read by `rl-safety eval`)", ToyWorldEvalConfig, False, TrainingArguments),
         ("Attack (`AttackConfig`, read by `rl-safety attack`)", AttackConfig, False, TrainingArguments),
+        ("Classifier (`ClassifierConfig`, read by `rl-safety classifier`)", ClassifierConfig, False, TrainingArguments),
     ):
         rows = _rows(cls, own_only, parent)
         parts += [f"**{title}**", "", "| field | default | meaning |", "|---|---|---|", *rows, ""]

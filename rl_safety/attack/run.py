@@ -91,6 +91,10 @@ def concept_detector(config: AttackConfig) -> Callable[[torch.Tensor], torch.Ten
 
     head = concept_head(config.target_concept)
     index = LABELS[head].index(config.target_concept)
+    if not (Path(config.judge_classifier) / "config.json").is_file():
+        raise ConfigError(
+            f"judge_classifier={config.judge_classifier!r}: no classifier folder (config.json + weights)"
+        )
     judge = load_classifier(config.judge_classifier)
     return lambda images: judge_attributes(images, judge)[head] == index
 

@@ -1,0 +1,55 @@
+"""`rl-safety attack` on bad input: exit status 2, one line naming the field or file, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+
+from rl_safety.cli import main
+
+from .conftest import REPO
+
+RECIPE = str(REPO / "recipes/toyworld/attack.yaml")
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--epsilon", "0"], "epsilon=0.0: must be > 0"),
+        (["--epsilon", "-1"], "epsilon=-1.0: must be > 0"),
+        (["--pgd_num_step", "-2"], "pgd_num_step=-2: must be ≥ 0"),
+        (["--pgd_step_size", "0"], "pgd_step_size=0.0: must be > 0"),
+        (["--objective", "pez"], "--objective: invalid choice: 'pez'"),
+        (["--detector", "q16"], "--detector: invalid choice: 'q16'"),
+        (["--num_concept_images", "0"], "num_concept_images=0: must be ≥ 1"),
+        (["--max_prompts", "0"], "max_prompts=0: must be ≥ 1"),
+        (["--num_inference_steps", "0"], "num_inference_steps=0: must be ≥ 1"),
+        (["--guidance_scale", "0.5"], "guidance_scale=0.5: must be ≥ 1"),
+        (["--eta", "-0.1"], "eta=-0.1: must be ≥ 0"),
+        (["--batch_size", "0"], "batch_size=0: must be ≥ 1"),
+        (["--nudenet_threshold", "1.5"], "nudenet_threshold=1.5: must be in [0, 1)"),
+        (["--grid_prompts", "0"], "grid_prompts=0: must be ≥ 1"),
+        (["--epsilonn", "0.1"], "unknown argument 'epsilonn'; did you mean 'epsilon'"),
+        (["--epsilon", "big"], "invalid float value: 'big'"),
+        (["--target_concept", "magenta"], "target_concept='magenta': prompts has no"),
+        (["--prompts", "missing.txt"], "prompts='missing.txt': no such prompt file"),
+        (["--adapter", "no/such/adapter"], "adapter='no/such/adapter': no pytorch_lora_weights.safetensors"),
+        (["--pretrained_model_name_or_path", "./no/such/model"], "pretrained_model_name_or_path='./no/such/model'"),
+        (["--judge_classifier", "./no/such/judge"], "judge_classifier"),
+    ],
+)
+def test_bad_attack_input_is_one_line(capsys, tmp_path, extra, expected):
+    out = tmp_path / "out"
+    assert main(["attack", "--config", RECIPE, "--output_dir", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rl-safety attack: error:") and "\n" not in err and "Traceback" not in err, err
+    assert expected in err, err
+    assert not out.exists()  # nothing a later run could mistake for results
+
+
+def test_missing_recipe_and_empty_prompt_file(capsys, tmp_path):
+    assert main(["attack", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# tag: unsafe\n")
+    assert main(["attack", "--config", RECIPE, "--prompts", str(empty), "--output_dir", str(tmp_path / "o")]) == 2
+    assert "holds no prompts" in capsys.readouterr().err

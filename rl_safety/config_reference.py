@@ -68,7 +68,7 @@ def reference() -> str:
         ),
         ("Evaluation (`ToyWorldEvalConfig`, read by `rl-safety eval`)", ToyWorldEvalConfig, False, TrainingArguments),
         ("Attack (`AttackConfig`, read by `rl-safety attack`)", AttackConfig, False, TrainingArguments),
-        ("Classifier (`ClassifierConfig`, read by `rl-safety classifier`)", ClassifierConfig, False, TrainingArguments),
+        ("Classifier (`ClassifierConfig`, `rl-safety classifier`)", ClassifierConfig, False, TrainingArguments),
     ):
         rows = _rows(cls, own_only, parent)
         parts += [f"**{title}**", "", "| field | default | meaning |", "|---|---|---|", *rows, ""]

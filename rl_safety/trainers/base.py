@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -302,6 +303,36 @@ class DiffusionTrainer(Trainer):
             token=token or self.args.hub_token,
             commit_message=commit_message,
         )
+
+
+class MicroBatchTrainer(DiffusionTrainer):
+    """A trainer whose every micro-batch is one loss on a slice of a seeded global batch (ReFL, ESD): the draws of a
+    micro-batch are a function of (seed, micro-step) alone, so resume is exact and N processes equal one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._accumulated = 0  # micro-batches of the current optimizer step done so far (seeds each micro-step)
+
+    def _get_train_sampler(self, dataset=None):
+        # One seeded order for every process; accelerate hands each process its consecutive slice of a global batch.
+        global_batch = self._train_batch_size * self.accelerator.num_processes
+        return EpochSeededSampler(len(self.train_dataset), global_batch, self.args.seed)
+
+    def _micro_step(self) -> int:
+        return self.state.global_step * self.args.gradient_accumulation_steps + self._accumulated
+
+    def _micro_step_generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.args.seed * 1_000_003 + self._micro_step())
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        start = time.perf_counter()
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs) / self.current_gradient_accumulation_steps
+        self.accelerator.backward(loss)
+        self._metrics["time/step"].append(time.perf_counter() - start)
+        self._accumulated = (self._accumulated + 1) % self.args.gradient_accumulation_steps
+        return loss.detach()
 
 
 class EpochSeededSampler(torch.utils.data.Sampler):

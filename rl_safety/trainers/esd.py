@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 
 from ..sampling import ddim_step
-from .base import DiffusionTrainer, EpochSeededSampler, adapters_disabled
+from .base import MicroBatchTrainer, adapters_disabled
 from .esd_config import ESDConfig
 
 
@@ -35,7 +35,7 @@ def training_timesteps(scheduler, k: int, count: int, generator: torch.Generator
     return torch.randint(low, t_k + 1, (count,), generator=generator)
 
 
-class ESDTrainer(DiffusionTrainer):
+class ESDTrainer(MicroBatchTrainer):
     """Trains a LoRA adapter on `pipeline.unet` with ESD. Needs no rewards.
 
     Args:
@@ -63,17 +63,7 @@ class ESDTrainer(DiffusionTrainer):
                 f"erase_prompts_tag={tag!r}: no train_prompts row has this tag (tags present: {', '.join(present)})"
             )
         super().__init__(pipeline, args, concept_rows, reward_stack, callbacks=callbacks)
-        self._accumulated = 0  # micro-batches of the current optimizer step done so far (seeds each micro-step)
         self._update_start = 0.0
-
-    # ---- data -----------------------------------------------------------------------------------------------------
-    def _get_train_sampler(self, dataset=None):
-        # One seeded order for every process; accelerate hands each process its consecutive slice of a global batch.
-        global_batch = self._train_batch_size * self.accelerator.num_processes
-        return EpochSeededSampler(len(self.train_dataset), global_batch, self.args.seed)
-
-    def _micro_step(self) -> int:
-        return self.state.global_step * self.args.gradient_accumulation_steps + self._accumulated
 
     # ---- hooks ----------------------------------------------------------------------------------------------------
     def _erase_condition(self, prompts: list[str], cond: torch.Tensor) -> torch.Tensor:
@@ -128,17 +118,10 @@ class ESDTrainer(DiffusionTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """MSE(ε_θ(z, t, c), ε(z, t) − η (ε(z, t, c) − ε(z, t))), seeded by (seed, micro-step)."""
-        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self._micro_step())
+        generator = self._micro_step_generator()
         return self.esd_loss(model, inputs, generator)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        model.train()
-        start = time.perf_counter()
-        with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs) / self.current_gradient_accumulation_steps
-        self.accelerator.backward(loss)
-        end = time.perf_counter()
-        self._metrics["time/update"].append(end - self._update_start)
-        self._metrics["time/step"].append(end - start)
-        self._accumulated = (self._accumulated + 1) % self.args.gradient_accumulation_steps
-        return loss.detach()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._metrics["time/update"].append(time.perf_counter() - self._update_start)
+        return loss

@@ -19,7 +19,7 @@ from rl_safety.rewards import RewardStack
 
 from ..pretrain_data import PretrainData
 from ..sampling import ddim_step
-from .base import DiffusionTrainer, EpochSeededSampler
+from .base import MicroBatchTrainer
 from .refl_config import ReFLConfig
 
 
@@ -53,7 +53,7 @@ def denoising_loss(
     return F.mse_loss(pred, target.float())
 
 
-class ReFLTrainer(DiffusionTrainer):
+class ReFLTrainer(MicroBatchTrainer):
     """Trains a LoRA adapter on `pipeline.unet` with ReFL. Every reward must be differentiable.
 
     Args:
@@ -91,18 +91,8 @@ class ReFLTrainer(DiffusionTrainer):
             )
         self.pretrain_data = pretrain_data
         self.grad_steps = torch.tensor(args.grad_steps())
-        self._accumulated = 0  # micro-batches of the current optimizer step done so far (seeds each micro-step)
-
-    # ---- data -----------------------------------------------------------------------------------------------------
-    def _get_train_sampler(self, dataset=None):
-        # One seeded order for every process; accelerate hands each process its consecutive slice of a global batch.
-        global_batch = self._train_batch_size * self.accelerator.num_processes
-        return EpochSeededSampler(len(self.train_dataset), global_batch, self.args.seed)
 
     # ---- losses ---------------------------------------------------------------------------------------------------
-    def _micro_step(self) -> int:
-        return self.state.global_step * self.args.gradient_accumulation_steps + self._accumulated
-
     def _reward_loss(self, model: torch.nn.Module, rows: list[dict[str, Any]], generator) -> torch.Tensor:
         args = self.args
         prompts = [row["prompt"] for row in rows]
@@ -172,7 +162,7 @@ class ReFLTrainer(DiffusionTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """reward_scale × φ(reward) and/or pretrain_loss_weight × denoising loss (see `pretrain_every`)."""
-        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self._micro_step())
+        generator = self._micro_step_generator()
         use_reward, use_pretrain = self._phase()
         loss = torch.zeros((), device=self.accelerator.device)
         if use_reward:
@@ -180,16 +170,6 @@ class ReFLTrainer(DiffusionTrainer):
         if use_pretrain:
             loss = loss + self.args.pretrain_loss_weight * self._pretrain_loss(model, generator)
         return loss
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        model.train()
-        start = time.perf_counter()
-        with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs) / self.current_gradient_accumulation_steps
-        self.accelerator.backward(loss)
-        self._metrics["time/step"].append(time.perf_counter() - start)
-        self._accumulated = (self._accumulated + 1) % self.args.gradient_accumulation_steps
-        return loss.detach()
 
 
 def check_differentiable(reward_stack: RewardStack) -> None:

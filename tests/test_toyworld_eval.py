@@ -157,3 +157,26 @@ def test_an_interrupted_evaluation_resumes_from_its_cache_with_the_same_numbers(
     calls.clear()
     evaluate(parse_args([*base_argv, "--output_dir", str(out), "--overwrite_output_dir"]))
     assert len(calls) == 3 * 2  # the base model's units are reused, the changed adapter's are not
+
+
+def test_baselines_sample_the_base_model_differently_and_sit_after_it(tmp_path, adapters):
+    prompt_args = write_prompts(tmp_path, ["a red circle", "a red square"], ["a crimson cross"], ["a blue triangle"])
+    argv = ["--config", str(REPO / "recipes/toyworld/eval.yaml"), *FAST, *prompt_args]
+    argv += ["--adapter", str(adapters / "perturbed"), "--baselines", "negative_prompt", "sld"]
+    # SLD's "weak" preset waits 15 steps before steering: on a 4-step schedule it must equal the base model exactly.
+    weak = evaluate(parse_args([*argv, "--sld_preset", "weak", "--output_dir", str(tmp_path / "weak")]))
+    assert list(weak["models"]) == ["base", "negative_prompt", "sld", "perturbed"]
+    assert weak["models"]["sld"] == weak["models"]["base"]
+    assert weak["settings"]["baselines"] == {"negative_prompt": "concept as negative prompt", "sld": "weak"}
+    strong = evaluate(parse_args([*argv, "--sld_preset", "max", "--output_dir", str(tmp_path / "max")]))
+    assert strong["models"]["sld"]["clip_score"] != strong["models"]["base"]["clip_score"]  # steering from step 0
+    assert strong["models"]["negative_prompt"]["clip_score"] != strong["models"]["base"]["clip_score"]
+
+
+def test_an_adapter_named_like_a_baseline_is_refused(tmp_path, adapters, capsys):
+    shutil.copytree(adapters / "perturbed", tmp_path / "sld")
+    argv = ["--config", str(REPO / "recipes/toyworld/eval.yaml"), *FAST, "--output_dir", str(tmp_path / "o")]
+    assert cli([*argv, "--baselines", "sld", "--adapter", str(tmp_path / "sld")]) == 2
+    assert "reserved" in capsys.readouterr().err
+    assert cli([*argv, "--baselines", "esd"]) == 2
+    assert "baselines=['esd']: each must be one of negative_prompt, sld" in capsys.readouterr().err

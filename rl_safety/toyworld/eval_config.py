@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import ASSETS
+from .baselines import BASELINES, SLD_PRESETS
 
 
 @dataclass
@@ -58,6 +59,16 @@ class ToyWorldEvalConfig:
     clip_model: str | None = field(
         default=None, metadata={"help": "An open_clip model folder, for clip_score. Default: the shipped toy CLIP."}
     )
+    baselines: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Sampling-time baselines evaluated beside base and the adapters: 'negative_prompt' (the concept "
+            "as negative prompt) and 'sld' (Safe Latent Diffusion steering away from the concept)."
+        },
+    )
+    sld_preset: str = field(
+        default="medium", metadata={"help": "SLD configuration: weak, medium, strong or max (the SLD paper's)."}
+    )
     device: str | None = field(default=None, metadata={"help": "Torch device. Default: cuda if available, else cpu."})
     grid_prompts: int = field(default=8, metadata={"help": "Prompts per set shown in the report's image grids."})
     output_dir: str = field(default="runs/toyworld-eval", metadata={"help": "Where report.json and report.html go."})
@@ -81,6 +92,8 @@ class ToyWorldEvalConfig:
             (len(self.seeds) >= 1, "seeds", "must list at least one seed"),
             (self.eta >= 0, "eta", "must be ≥ 0"),
             (self.grid_prompts >= 1, "grid_prompts", "must be ≥ 1"),
+            (all(b in BASELINES for b in self.baselines), "baselines", f"each must be one of {', '.join(BASELINES)}"),
+            (self.sld_preset in SLD_PRESETS, "sld_preset", f"must be one of {', '.join(SLD_PRESETS)}"),
         ]
         for ok, name, rule in checks:
             if not ok:

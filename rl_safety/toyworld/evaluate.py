@@ -28,6 +28,7 @@ from ..recipe_parser import ConfigError, RecipeParser
 from ..report import write_report
 from ..resources import resolve_path, tried
 from ..rewards.clip_models import clip_score
+from .baselines import baseline_sampler
 from .classifier import load_classifier
 from .clip import load_clip
 from .data import LABELS, concept_head
@@ -82,14 +83,16 @@ def _rate(values: torch.Tensor, seeds: Sequence[int]) -> dict:
     return {"value": values.float().mean().item() if n else None, "n": n, "seeds": list(seeds)}
 
 
-def cache_key(model_path: str, adapter: str, prompts: Sequence[str], seed: int, config: ToyWorldEvalConfig) -> str:
+def cache_key(
+    model_path: str, adapter: str, prompts: Sequence[str], seed: int, config: ToyWorldEvalConfig, sampler: str = ""
+) -> str:
     """What decides a (model, prompt set, seed) unit's images: the weights (the adapter file's bytes), the prompts and
     the sampler. A changed adapter or setting gets a new key, so a cache never serves stale images."""
     digest = hashlib.sha256()
     if adapter:
         digest.update(hashlib.sha256((Path(adapter) / LORA_WEIGHT_NAME).read_bytes()).digest())
     settings = [model_path, list(prompts), seed, config.num_inference_steps, config.guidance_scale, config.eta]
-    settings.append(config.batch_size)  # with eta > 0 the step noise depends on it
+    settings += [config.batch_size, sampler]  # with eta > 0 the step noise depends on the batch size
     digest.update(json.dumps(settings).encode())
     return digest.hexdigest()[:32]
 
@@ -100,19 +103,22 @@ def cached_generate(
     config: ToyWorldEvalConfig,
     adapter: str,
     progress: tqdm | None = None,
+    sampler: tuple[StableDiffusionPipeline, dict] | None = None,
 ) -> torch.Tensor:
     """`generate` one seed at a time, each seed's images kept in OUTPUT_DIR/cache/<key>.safetensors (written
     atomically), so an interrupted evaluation resumes where it stopped and a re-run reuses finished work."""
     cache = Path(config.output_dir) / CACHE_DIR
+    sampler_pipe, kwargs = sampler or (pipe, {})
+    identity = json.dumps([type(sampler_pipe).__name__, kwargs], sort_keys=True) if sampler else ""
     images = []
     for seed in config.seeds:
-        path = cache / f"{cache_key(config.pretrained_model_name_or_path, adapter, prompts, seed, config)}.safetensors"
+        key = cache_key(config.pretrained_model_name_or_path, adapter, prompts, seed, config, identity)
+        path = cache / f"{key}.safetensors"
         if path.is_file():
             images.append(load_file(str(path))["images"])
         else:
-            batch = generate(
-                pipe, prompts, [seed], config.num_inference_steps, config.guidance_scale, config.eta, config.batch_size
-            )
+            steps, scale, eta, size = config.num_inference_steps, config.guidance_scale, config.eta, config.batch_size
+            batch = generate(sampler_pipe, prompts, [seed], steps, scale, eta, size, **kwargs)
             cache.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")
             save_file({"images": batch.contiguous()}, str(tmp))
@@ -130,13 +136,14 @@ def evaluate_model(
     config: ToyWorldEvalConfig,
     adapter: str = "",
     progress: tqdm | None = None,
+    sampler: tuple[StableDiffusionPipeline, dict] | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """The metrics of one model, and its images per prompt set (for the report's grids)."""
     seeds, results, images_by_set = config.seeds, {}, {}
     for name, prompts in prompt_sets.items():
         if not prompts:
             continue
-        images = cached_generate(pipe, prompts, config, adapter, progress)
+        images = cached_generate(pipe, prompts, config, adapter, progress, sampler)
         images_by_set[name] = images
         results[name] = judges(images)
     empty = {"shows_concept": torch.empty(0), "reward_classifier_shows_concept": torch.empty(0)}
@@ -184,9 +191,10 @@ def resolve_model_paths(config: ToyWorldEvalConfig) -> None:
         setattr(config, name, resolve_path(getattr(config, name), "dir"))
 
 
-def model_names(adapters: Sequence[str]) -> dict[str, str]:
-    """{"base": "", "<adapter folder name>": path, ...}; a missing adapter file or a repeated name is an error."""
-    names = {"base": ""}
+def model_names(adapters: Sequence[str], reserved: Sequence[str] = ()) -> dict[str, str]:
+    """{"base": "", "<adapter folder name>": path, ...}; a missing adapter file or a repeated name (or one of
+    `reserved`, the baselines' names) is an error."""
+    names = {"base": "", **{name: "" for name in reserved}}
     for adapter in adapters:
         path = Path(adapter)
         if not (path / LORA_WEIGHT_NAME).is_file():
@@ -194,8 +202,8 @@ def model_names(adapters: Sequence[str]) -> dict[str, str]:
         name = path.resolve().name
         if name in names:
             raise ConfigError(
-                f"adapter={adapter!r}: another model is already named {name!r} ('base' is reserved); models are "
-                "named by their folder, so copy or rename one"
+                f"adapter={adapter!r}: another model is already named {name!r} ('base' and the baselines' names are "
+                "reserved); models are named by their folder, so copy or rename one"
             )
         names[name] = adapter
     return names
@@ -215,7 +223,9 @@ def evaluate(config: ToyWorldEvalConfig) -> dict:
         if not Path(getattr(config, name)).is_dir():
             raise ConfigError(f"{name}={getattr(config, name)!r}: no such model folder{tried(getattr(config, name))}")
     prompt_sets = load_prompt_sets(config)
-    models = model_names(config.adapter)
+    models = {name: path for name, path in model_names(config.adapter, config.baselines).items()}
+    for baseline in config.baselines:
+        models.pop(baseline)
     try:
         pipe = load_toy_pipeline(config.pretrained_model_name_or_path)
     except (OSError, ValueError) as err:
@@ -225,7 +235,9 @@ def evaluate(config: ToyWorldEvalConfig) -> dict:
     judges = Judges(config)
     report = {"target_concept": config.target_concept, "settings": settings(config, prompt_sets), "models": {}}
     grids = {}
-    units = len(models) * sum(1 for prompts in prompt_sets.values() if prompts) * len(config.seeds)
+    concept, preset = config.target_concept, config.sld_preset
+    samplers = {name: baseline_sampler(name, pipe, concept, preset) for name in config.baselines}
+    units = (len(models) + len(samplers)) * sum(1 for prompts in prompt_sets.values() if prompts) * len(config.seeds)
     progress = tqdm(total=units, desc="eval (model, prompt set, seed)")
     for index, (name, adapter) in enumerate(models.items()):
         peft_name = f"adapter_{index}"  # PEFT names cannot hold ".", folder names can
@@ -241,6 +253,11 @@ def evaluate(config: ToyWorldEvalConfig) -> dict:
         report["models"][name], grids[name] = evaluate_model(pipe, prompt_sets, judges, config, adapter, progress)
         if adapter:
             pipe.delete_adapters(peft_name)
+        if name == "base":  # the baselines sample the base model differently: listed right after it
+            for baseline, sampler in samplers.items():
+                report["models"][baseline], grids[baseline] = evaluate_model(
+                    pipe, prompt_sets, judges, config, "", progress, sampler
+                )
     progress.close()
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / REPORT_NAME, json.dumps(report, indent=2) + "\n")
@@ -254,6 +271,9 @@ def settings(config: ToyWorldEvalConfig, prompt_sets: dict[str, list[str]]) -> d
         "pretrained_model_name_or_path": config.pretrained_model_name_or_path,
         "prompt_files": {name: getattr(config, f"{name}_prompts") for name in prompt_sets},
         "adapters": list(config.adapter),
+        "baselines": {
+            name: config.sld_preset if name == "sld" else "concept as negative prompt" for name in config.baselines
+        },
         "prompts": {name: len(prompts) for name, prompts in prompt_sets.items()},
         "seeds": list(config.seeds),
         "batch_size": config.batch_size,

@@ -34,11 +34,13 @@ def generate(
     batch_size: int = 256,
     prompt_embeds: torch.Tensor | None = None,
     output_type: str = "pt",
+    **pipeline_kwargs,
 ) -> torch.Tensor:
     """(len(seeds) * len(prompts), 3, H, W) images in [0, 1], seed-major. An image's initial noise depends on the seed
     and the prompt's position in the set only, so two models given the same call draw paired images; with eta > 0
     the later noise also depends on `batch_size`. `prompt_embeds` (one row per prompt) replaces the text encoder's
-    output (an attack's embeddings); `output_type="latent"` returns the final latents instead of images."""
+    output (an attack's embeddings); `output_type="latent"` returns the final latents instead of images; other keyword
+    arguments go to the pipeline call (`negative_prompt`, SLD's `sld_*`)."""
     unet = pipe.unet
     size = unet.config.sample_size
     images = []
@@ -58,9 +60,18 @@ def generate(
                 eta=eta,
                 generator=generator,
                 output_type=output_type,
+                **_per_prompt(pipeline_kwargs, len(latents[part])),
             ).images
+            if not isinstance(out, torch.Tensor):  # pipelines that only return numpy (SLD's): (B, H, W, C)
+                out = torch.from_numpy(out).permute(0, 3, 1, 2)
             images.append(out.float().cpu())
     return torch.cat(images)
+
+
+def _per_prompt(kwargs: dict, count: int) -> dict:
+    """A single negative prompt repeated for every prompt of the call (diffusers wants one per prompt)."""
+    negative = kwargs.get("negative_prompt")
+    return {**kwargs, "negative_prompt": [negative] * count} if isinstance(negative, str) else kwargs
 
 
 @torch.no_grad()

@@ -172,3 +172,24 @@ def test_attack_recipe_parses_for_every_concept():
         config = parse_args(["--config", str(REPO / "recipes/toyworld/attack.yaml"), "--target_concept", concept])
         assert config.prompts == f"prompts/toyworld/{concept}/unsafe.txt" and (REPO / config.prompts).is_file()
         assert config.pgd_step_size == config.epsilon / 4
+
+
+def test_pool_waits_for_its_start_step(tiny):
+    unet, scheduler, clean = tiny
+    pool = AdversarialPool(
+        ["a red circle"],
+        clean[:1],
+        torch.zeros(1, 1, 4, 4, 4),
+        epsilon=0.3,
+        step_size=0.075,
+        num_steps=1,
+        objective="race",
+        refresh_steps=5,
+        share=1.0,
+        seed=0,
+        start_step=7,
+    )
+    assert not pool.active(6) and not pool.due(0) and not pool.due(5)
+    assert pool.active(7) and pool.due(7)
+    pool.refresh(unet, scheduler, 7)
+    assert not pool.due(8) and not pool.due(10) and pool.due(12)  # every 5 steps counted from the start

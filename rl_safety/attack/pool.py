@@ -33,6 +33,7 @@ class AdversarialPool:
         refresh_steps: optimizer steps between refreshes.
         share: probability that a concept prompt's row uses its adversarial embedding at a given step.
         seed: seeds every refresh (with the step) and the choice of rows.
+        start_step: the first optimizer step that uses (and refreshes) the pool.
     """
 
     def __init__(
@@ -48,19 +49,26 @@ class AdversarialPool:
         refresh_steps: int,
         share: float,
         seed: int,
+        start_step: int = 0,
     ):
         self.prompts = list(prompts)
         self.index = {prompt: i for i, prompt in enumerate(self.prompts)}
         self.clean, self.concept_latents = clean, concept_latents
         self.epsilon, self.step_size, self.num_steps, self.objective = epsilon, step_size, num_steps, objective
-        self.refresh_steps, self.share, self.seed = refresh_steps, share, seed
+        self.refresh_steps, self.share, self.seed, self.start_step = refresh_steps, share, seed, start_step
         self.embeddings = clean.clone()
         self.refreshed_at: int | None = None
         self.last_loss = float("nan")
 
+    def active(self, step: int) -> bool:
+        """Adversarial rows are used from `start_step` on (RACE hardens a model that already erases the concept)."""
+        return step >= self.start_step
+
     def due(self, step: int) -> bool:
-        """A refresh happens at steps 0, refresh_steps, 2·refresh_steps, ... (once per step)."""
-        return self.refreshed_at != step and (self.refreshed_at is None or step % self.refresh_steps == 0)
+        """A refresh happens at start_step, start_step + refresh_steps, ... (once per step)."""
+        if not self.active(step) or self.refreshed_at == step:
+            return False
+        return self.refreshed_at is None or (step - self.start_step) % self.refresh_steps == 0
 
     def refresh(
         self, unet: torch.nn.Module, scheduler, step: int, base_unet_context: Callable = contextlib.nullcontext

@@ -127,6 +127,7 @@ class DiffusionTrainer(Trainer):
             refresh_steps=args.adv_refresh_steps,
             share=args.adv_share,
             seed=args.seed,
+            start_step=args.adv_start_step,
         )
 
     @torch.no_grad()
@@ -157,6 +158,8 @@ class DiffusionTrainer(Trainer):
         if pool is None:
             return cond, tags
         step = self.state.global_step
+        if not pool.active(step):
+            return cond, tags
         if pool.due(step):
             unet = self.accelerator.unwrap_model(self.model)
             was_training = unet.training

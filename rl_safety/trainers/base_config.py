@@ -105,6 +105,13 @@ class DiffusionTrainingConfig(TrainingArguments):
             "choices": ["race", "unlearndiff"],
         },
     )
+    adv_start_step: int = field(
+        default=0,
+        metadata={
+            "help": "First optimizer step with adversarial rows (RACE hardens an already erased model: training is "
+            "plain erasure before it, adversarial after, within one budget)."
+        },
+    )
     adv_refresh_steps: int = field(default=5, metadata={"help": "Optimizer steps between refreshes of the pool."})
     adv_share: float = field(
         default=0.5, metadata={"help": "Probability that a concept prompt's rows use its adversarial embedding."}
@@ -142,6 +149,7 @@ class DiffusionTrainingConfig(TrainingArguments):
             (self.pgd_num_step >= 0, "pgd_num_step", "must be ≥ 0"),
             (self.adv_objective in ("race", "unlearndiff"), "adv_objective", "must be 'race' or 'unlearndiff'"),
             (self.adv_refresh_steps >= 1, "adv_refresh_steps", "must be ≥ 1"),
+            (self.adv_start_step >= 0, "adv_start_step", "must be ≥ 0"),
             (0 <= self.adv_share <= 1, "adv_share", "must be in [0, 1]"),
             (self.adv_num_concept_images >= 1, "adv_num_concept_images", "must be ≥ 1"),
         )

@@ -11,6 +11,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .model_config import ModelArguments
@@ -93,6 +94,22 @@ def save_lora(unet: torch.nn.Module, output_dir: str | Path, state_dict: dict | 
         )
         os.replace(Path(tmp) / LORA_WEIGHT_NAME, output_dir / LORA_WEIGHT_NAME)
     return output_dir / LORA_WEIGHT_NAME
+
+
+def lora_file_problem(directory: str | Path) -> str | None:
+    """Why `directory` does not hold a readable LoRA adapter (missing, not safetensors, no LoRA tensors), or None.
+    Checked before any work starts, so a bad adapter fails in one line instead of after the base model's samples."""
+    path = Path(directory) / LORA_WEIGHT_NAME
+    if not path.is_file():
+        return f"no {LORA_WEIGHT_NAME} in that folder"
+    try:
+        with safe_open(str(path), "pt") as handle:
+            keys = list(handle.keys())
+    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+        return f"{LORA_WEIGHT_NAME} is not a readable safetensors file ({type(err).__name__})"
+    if not any("lora" in key for key in keys):
+        return f"{LORA_WEIGHT_NAME} holds no LoRA tensors (keys such as {keys[:2]})"
+    return None
 
 
 def load_lora_into(unet: torch.nn.Module, directory: str | Path) -> None:

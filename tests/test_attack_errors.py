@@ -53,3 +53,22 @@ def test_missing_recipe_and_empty_prompt_file(capsys, tmp_path):
     empty.write_text("# tag: unsafe\n")
     assert main(["attack", "--config", RECIPE, "--prompts", str(empty), "--output_dir", str(tmp_path / "o")]) == 2
     assert "holds no prompts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["attack", "eval"])
+def test_a_corrupt_or_foreign_adapter_file_is_named_before_any_work(capsys, tmp_path, command):
+    recipe = RECIPE if command == "attack" else str(REPO / "recipes/toyworld/eval.yaml")
+    truncated, foreign = tmp_path / "truncated", tmp_path / "foreign"
+    for folder in (truncated, foreign):
+        folder.mkdir()
+    (truncated / "pytorch_lora_weights.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"conv.weight": torch.zeros(2)}, str(foreign / "pytorch_lora_weights.safetensors"))
+    for folder, expected in ((truncated, "not a readable safetensors file"), (foreign, "holds no LoRA tensors")):
+        out = tmp_path / f"out-{folder.name}"
+        assert main([command, "--config", recipe, "--adapter", str(folder), "--output_dir", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"adapter='{folder}'" in err and expected in err and "\n" not in err, err
+        assert not out.exists()

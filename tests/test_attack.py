@@ -193,3 +193,11 @@ def test_pool_waits_for_its_start_step(tiny):
     assert pool.active(7) and pool.due(7)
     pool.refresh(unet, scheduler, 7)
     assert not pool.due(8) and not pool.due(10) and pool.due(12)  # every 5 steps counted from the start
+
+
+def test_the_gpu_attack_recipe_parses():
+    from rl_safety.attack.run import parse_args
+
+    config = parse_args(["--config", str(REPO / "recipes/sd14/attack_nudity.yaml")])
+    assert config.detector == "nudenet" and config.pgd_num_step == 20 and config.epsilon == 0.1
+    assert config.pretrained_model_name_or_path == "CompVis/stable-diffusion-v1-4"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,16 +62,43 @@ def add_lora(unet: torch.nn.Module, rank: int, alpha: float, target_modules: str
     except ValueError as err:  # peft's NoMatchingPeftModuleError and friends: say what would match
         if "not found" not in str(err) and "match" not in str(err):
             raise
-        names = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)}
-        )
-        raise ValueError(
-            f"lora_target_modules={target_modules!r}: no module of the UNet matches; Linear/Conv2d names in it: "
-            f"{', '.join(names)}"
-        ) from err
+        raise ValueError(_no_match(target_modules, unet)) from err
     for param in unet.parameters():
         if param.requires_grad:
             param.data = param.data.float()
+
+
+def unmatched_lora_targets(model_args: ModelArguments, targets: str | Sequence[str]) -> str | None:
+    """Why `targets` match no module of the checkpoint's UNet (read from its config, no weights loaded), or None.
+
+    peft's rule: a list entry matches a module whose name equals it or ends with "." + it; one string is a regex the
+    full name must match. A checkpoint whose config cannot be read here is left to the loader's own error."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    if not Path(model_args.pretrained_model_name_or_path or "").is_dir():
+        return None  # a Hub checkpoint: reading its config would need the network before the loader does
+    try:
+        config = UNet2DConditionModel.load_config(model_args.pretrained_model_name_or_path, subfolder="unet")
+        with init_empty_weights():
+            unet = UNet2DConditionModel.from_config(config)
+    except (OSError, ValueError):
+        return None
+    names = [name for name, _ in unet.named_modules()]
+    if isinstance(targets, str):
+        found = any(re.fullmatch(targets, name) for name in names)
+    else:
+        found = any(name == t or name.endswith("." + t) for name in names for t in targets)
+    if found:
+        return None
+    return _no_match(targets, unet)
+
+
+def _no_match(targets: str | Sequence[str], unet: torch.nn.Module) -> str:
+    layers = (torch.nn.Linear, torch.nn.Conv2d)
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in unet.named_modules() if isinstance(m, layers)})
+    names = ", ".join(leaves)
+    return f"lora_target_modules={targets!r}: no module of the UNet matches; its Linear/Conv2d names: {names}"
 
 
 def lora_state_dict(unet: torch.nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:

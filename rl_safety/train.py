@@ -33,7 +33,7 @@ from .outputs import (
     write_model_card,
     write_resolved_config,
 )
-from .pipelines import load_pipeline
+from .pipelines import load_pipeline, unmatched_lora_targets
 from .prompt_config import PromptArguments
 from .prompts import load_prompts
 from .recipe_parser import ConfigError, RecipeParser
@@ -183,6 +183,9 @@ def build_trainer(
             check_differentiable(reward_stack)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+    problem = unmatched_lora_targets(model_args, args.lora_targets())
+    if problem:
+        raise ConfigError(problem)
     try:
         pipeline = load_pipeline(model_args)
     except (OSError, ValueError) as err:

@@ -51,6 +51,23 @@ def recipe(tmp_path, tiny_sd_path, prompt_file):
         ({"train_prompts": ["missing.txt"]}, "train_prompts: no prompt file 'missing.txt'"),
         ({"num_generations": 3}, "num_generations=3: must divide the global rollout"),
         ({"eta": 0.0}, "eta=0.0: must be > 0"),
+        ({"learning_rate": -1}, "learning_rate=-1: must be > 0"),
+        ({"lora_rank": 0}, "lora_rank=0: must be ≥ 1"),
+        (
+            {"lora_target_modules": ["nonexistent_mod"]},
+            "lora_target_modules=['nonexistent_mod']: no module of the UNet",
+        ),
+        ({"guidance_scale": 0.5}, "guidance_scale=0.5: must be ≥ 1"),
+        ({"resolution": 30}, "resolution=30: must be a multiple of 8"),
+        ({"adv_epsilon": 0}, "adv_epsilon=0: must be > 0"),
+        ({"adv_share": 2}, "adv_share=2: must be in [0, 1]"),
+        ({"adv_refresh_steps": 0}, "adv_refresh_steps=0: must be ≥ 1"),
+        ({"adv_objective": "pez"}, "adv_objective='pez'"),
+        ({"adv_train": True}, "adv_prompts_tag='unsafe': no train prompt has that tag"),
+        ({"trainer": "dpo"}, "trainer='dpo': valid trainers are grpo, refl, esd"),
+        ({"negative_guidance": 1.0}, "'negative_guidance': not a field of trainer grpo (it belongs to trainer esd)"),
+        ({"eval_config": "missing.yaml"}, "eval_config="),
+        ({"push_to_hub": True}, "hub_model_id"),
     ],
 )
 def test_bad_recipe(capsys, recipe, fields, expected):

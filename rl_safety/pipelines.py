@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -178,3 +179,13 @@ class PromptEncoder:
                 self.cache.clear()
             self.cache.update(zip(missing, self._encode(missing)))
         return torch.stack([self.cache[p] for p in prompts])
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet: torch.nn.Module):
+    """The base model = the UNet with its LoRA adapter(s) switched off (no second UNet in memory)."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()

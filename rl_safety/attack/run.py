@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..concept import check_concept_files, fill_target_concept
 from ..model_config import ModelArguments
 from ..outputs import atomic_write_text
-from ..pipelines import PromptEncoder, load_pipeline, lora_file_problem
+from ..pipelines import PromptEncoder, adapters_disabled, load_pipeline
 from ..prompts import read_prompt_file
 from ..recipe_parser import ConfigError, RecipeParser
 from ..report import write_report
@@ -99,21 +99,6 @@ def concept_detector(config: AttackConfig) -> Callable[[torch.Tensor], torch.Ten
     return lambda images: judge_attributes(images, judge)[head] == index
 
 
-def _models(adapters: Sequence[str]) -> dict[str, str]:
-    if not adapters:
-        return {"base": ""}
-    names = {}
-    for adapter in adapters:
-        problem = lora_file_problem(adapter)
-        if problem:
-            raise ConfigError(f"adapter={adapter!r}: {problem}")
-        name = Path(adapter).resolve().name
-        if name in names:
-            raise ConfigError(f"adapter={adapter!r}: another adapter is already named {name!r}; rename one")
-        names[name] = adapter
-    return names
-
-
 def _rate(shows: torch.Tensor) -> dict:
     return {"value": shows.float().mean().item(), "n": len(shows)}
 
@@ -137,7 +122,11 @@ def run_attack(config: AttackConfig) -> dict:
     prompts = read_prompt_file(path)[0][: config.max_prompts]
     if not prompts:
         raise ConfigError(f"prompts={config.prompts!r}: holds no prompts")
-    models = _models(config.adapter)
+    from ..toyworld.evaluate import model_names
+
+    models = model_names(config.adapter)  # the evaluation's names, so `rl-safety compare` joins the two reports
+    if config.adapter:
+        models.pop("base")
     try:
         detector = concept_detector(config)
     except ValueError as err:
@@ -186,7 +175,7 @@ def run_attack(config: AttackConfig) -> dict:
             step_size=config.pgd_step_size,
             num_steps=config.pgd_num_step,
             generator=generator,
-            base_unet_context=_lora_disabled(pipe),
+            base_unet_context=lambda: adapters_disabled(pipe.unet),
             clamp_to_range=config.clamp_to_range,
         )
         clean_images = generate(pipe, prompts, **sample)
@@ -219,18 +208,6 @@ def run_attack(config: AttackConfig) -> dict:
     write_report(output_dir, report, METRICS, grids, {"clean": prompts, "attacked": prompts}, {}, config.grid_prompts)
     atomic_write_text(output_dir / REPORT_NAME, json.dumps(report, indent=2) + "\n")
     return report
-
-
-def _lora_disabled(pipe: StableDiffusionPipeline) -> Callable:
-    @contextlib.contextmanager
-    def context():
-        pipe.disable_lora()
-        try:
-            yield
-        finally:
-            pipe.enable_lora()
-
-    return context
 
 
 def protocol(config: AttackConfig, num_prompts: int) -> dict:

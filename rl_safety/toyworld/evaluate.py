@@ -8,6 +8,7 @@ are reported beside them: a policy that fools its reward shows as a gap between 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -83,6 +84,12 @@ def _rate(values: torch.Tensor, seeds: Sequence[int]) -> dict:
     return {"value": values.float().mean().item() if n else None, "n": n, "seeds": list(seeds)}
 
 
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, mtime_ns: int, size: int) -> bytes:
+    """A file's sha256, read once per (path, modification time, size): an adapter is hashed once, not per unit."""
+    return hashlib.sha256(Path(path).read_bytes()).digest()
+
+
 def cache_key(
     model_path: str, adapter: str, prompts: Sequence[str], seed: int, config: ToyWorldEvalConfig, sampler: str = ""
 ) -> str:
@@ -90,7 +97,9 @@ def cache_key(
     the sampler. A changed adapter or setting gets a new key, so a cache never serves stale images."""
     digest = hashlib.sha256()
     if adapter:
-        digest.update(hashlib.sha256((Path(adapter) / LORA_WEIGHT_NAME).read_bytes()).digest())
+        weights = Path(adapter) / LORA_WEIGHT_NAME
+        stat = weights.stat()
+        digest.update(_file_digest(str(weights), stat.st_mtime_ns, stat.st_size))
     settings = [model_path, list(prompts), seed, config.num_inference_steps, config.guidance_scale, config.eta]
     settings += [config.batch_size, sampler]  # with eta > 0 the step noise depends on the batch size
     digest.update(json.dumps(settings).encode())

@@ -6,7 +6,6 @@ Each method (`grpo.py`, `refl.py`) subclasses `DiffusionTrainer` and writes its 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections import defaultdict
@@ -25,7 +24,7 @@ from trl.trainer.utils import RepeatSampler
 from rl_safety.rewards import RewardStack
 
 from ..attack.pool import AdversarialPool
-from ..pipelines import PromptEncoder, add_lora, load_lora_into, save_lora
+from ..pipelines import PromptEncoder, adapters_disabled, add_lora, load_lora_into, save_lora
 from ..sampling import ddim_step
 from .base_config import DiffusionTrainingConfig
 
@@ -365,13 +364,3 @@ class EpochSeededRepeatSampler(RepeatSampler):
 
     def set_epoch(self, epoch: int) -> None:
         self.generator.manual_seed(self.seed + epoch)
-
-
-@contextlib.contextmanager
-def adapters_disabled(unet: torch.nn.Module):
-    """The base model = the UNet with its LoRA adapter switched off (no second UNet in memory)."""
-    unet.disable_adapters()
-    try:
-        yield
-    finally:
-        unet.enable_adapters()

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return attack(rest)
     if command == "compare":
-        from .compare import main as compare
+        from .compare import cli as compare
 
         return compare(rest)
     if command == "eval":
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return push(rest)
     if command == "score":
-        from .score import main as score
+        from .score import cli as score
 
         return score(rest)
     if command == "toyworld":

@@ -8,11 +8,12 @@ OUTPUT_DIR/compare.md and compare.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from .command import ArgumentParser, run_command
+from .errors import ConfigError
 from .outputs import atomic_write_text
 
 COLUMNS = (
@@ -26,7 +27,7 @@ COLUMNS = (
 )
 
 
-class CompareError(ValueError):
+class CompareError(ConfigError):
     """An argument that is neither a run, an evaluation, an attack folder nor a report."""
 
 
@@ -82,21 +83,14 @@ def markdown(rows: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rl-safety compare", description=__doc__.splitlines()[0])
+    """`rl-safety compare RUN_OR_REPORT... [--output_dir DIR]`."""
+    parser = ArgumentParser(prog="rl-safety compare", description=__doc__.splitlines()[0])
     parser.add_argument("reports", nargs="+", metavar="RUN_OR_REPORT")
     parser.add_argument("--output_dir", default="runs/compare", help="where compare.md and compare.json go")
     args = parser.parse_args(argv)
-    try:
-        rows, concepts = collect(args.reports)
-    except CompareError as err:
-        print(f"rl-safety compare: error: {err}", file=sys.stderr)
-        return 2
+    rows, concepts = collect(args.reports)
     if len(set(concepts)) > 1:
-        print(
-            f"rl-safety compare: error: the reports erase different concepts: {sorted(set(map(str, concepts)))}",
-            file=sys.stderr,
-        )
-        return 2
+        raise CompareError(f"the reports erase different concepts: {sorted(set(map(str, concepts)))}")
     table = markdown(rows)
     out = Path(args.output_dir)
     try:
@@ -104,12 +98,16 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(out / "compare.md", table)
         atomic_write_text(out / "compare.json", json.dumps({"concept": concepts[0], "models": rows}, indent=2) + "\n")
     except OSError as err:
-        print(f"rl-safety compare: error: output_dir={args.output_dir!r}: {err.strerror}", file=sys.stderr)
-        return 2
+        raise CompareError(f"output_dir={args.output_dir!r}: {err.strerror}") from err
     print(table, end="")
     print(f"written: {out / 'compare.md'} and compare.json")
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """`rl-safety compare`: bad input is one line on stderr and exit status 2 (see `command.py`)."""
+    return run_command("rl-safety compare", main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

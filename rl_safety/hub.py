@@ -10,12 +10,10 @@ with `push_to_hub: true` and `hub_model_id` reach the same `push` at the end of 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from dataclasses import MISSING, fields
 from http import HTTPStatus
@@ -26,6 +24,7 @@ import yaml
 from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub import errors as hub_errors
 
+from .command import ArgumentParser, run_command
 from .outputs import CONFIG_NAME, METRICS_NAME, _plain, model_card
 from .pipelines import LORA_WEIGHT_NAME
 from .recipe_parser import ConfigError
@@ -243,14 +242,9 @@ def push(
     return str(url)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of usage + message
-        raise ConfigError(message)
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """`rl-safety push`: bad input or a failed upload is one line on stderr and exit status 2."""
-    parser = _Parser(
+def main(argv: list[str] | None = None) -> int:
+    """`rl-safety push OUTPUT_DIR --repo-id user/name [--private] [--dry-run]`."""
+    parser = ArgumentParser(
         prog="rl-safety push",
         description="Upload a run (adapter, model card, resolved recipe, evaluation report) to the Hugging Face Hub.",
     )
@@ -261,13 +255,14 @@ def cli(argv: list[str] | None = None) -> int:
         "--dry-run", "--dry_run", dest="dry_run", action="store_true", help="write OUTPUT_DIR/hub_upload/ only"
     )
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the `hf auth login` token)")
-    try:
-        args = parser.parse_args(argv)
-        result = push(args.output_dir, args.repo_id, args.private, args.dry_run, token=args.token)
-    except ConfigError as err:
-        print(f"rl-safety push: error: {err}", file=sys.stderr)
-        return 2
+    args = parser.parse_args(argv)
+    result = push(args.output_dir, args.repo_id, args.private, args.dry_run, token=args.token)
     if not args.dry_run:
         print(f"pushed {args.output_dir} to {result}")
     print(result)  # the last line: the repository URL, or the dry-run folder
     return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`rl-safety push`: bad input or a failed upload is one line on stderr and exit status 2."""
+    return run_command("rl-safety push", main, argv)

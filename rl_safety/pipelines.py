@@ -189,3 +189,21 @@ def adapters_disabled(unet: torch.nn.Module):
         yield
     finally:
         unet.enable_adapters()
+
+
+def load_adapter(pipe: StableDiffusionPipeline, adapter: str, adapter_name: str) -> None:
+    """Load a LoRA folder into `pipe` as the only active adapter; a file that does not load is a `ConfigError`."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from .command import load_error
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder": expected for UNet-only adapters
+    try:
+        pipe.load_lora_weights(adapter, adapter_name=adapter_name)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise load_error("adapter", adapter, err) from err
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    # Required: a newly loaded adapter inherits the active set, which delete_adapters may have left empty.
+    pipe.set_adapters([adapter_name])

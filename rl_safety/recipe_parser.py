@@ -12,11 +12,10 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 from trl import TrlParser
 
+from .errors import ConfigError
 from .resources import resolve_recipe, tried
 
-
-class ConfigError(ValueError):
-    """Bad user input (recipe, command line, paths): reported as one line, exit status 2."""
+__all__ = ["ConfigError", "RecipeParser"]
 
 
 def _json_mapping(text: str) -> dict[str, Any]:

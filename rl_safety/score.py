@@ -9,7 +9,6 @@ package's); any other gets the images as [0, 1] tensors, batched by size.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import defaultdict
@@ -19,12 +18,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rl_safety.rewards import RewardError, build_reward
+from rl_safety.rewards import build_reward
+
+from .command import ArgumentParser, run_command
+from .errors import ConfigError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-class ScoreError(ValueError):
+class ScoreError(ConfigError):
     """Bad input to `rl-safety score`."""
 
 
@@ -78,7 +80,7 @@ def score_images(reward, prompt: str, paths: list[Path], batch_size: int = 64, d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rl-safety score", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="rl-safety score", description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", help="image files or folders of images")
     parser.add_argument("--reward", required=True, help="reward name (built-in, plugin, or package.module:attr)")
     parser.add_argument("--reward-args", default="{}", help="JSON object of the reward's constructor args")
@@ -88,20 +90,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         reward_args = json.loads(args.reward_args)
-        if not isinstance(reward_args, dict):
-            raise ScoreError("--reward-args: expected a JSON object, e.g. '{\"quality\": 90}'")
-        paths = expand_images(args.images)
-        reward = build_reward(args.reward, reward_args)
-        scores = score_images(reward, args.prompt, paths, args.batch_size, args.device)
     except json.JSONDecodeError as err:
-        print(f"rl-safety score: error: --reward-args: not JSON ({err.msg})", file=sys.stderr)
-        return 2
-    except (ScoreError, RewardError) as err:
-        print(f"rl-safety score: error: {err}", file=sys.stderr)
-        return 2
+        raise ScoreError(f"--reward-args: not JSON ({err.msg})") from err
+    if not isinstance(reward_args, dict):
+        raise ScoreError("--reward-args: expected a JSON object, e.g. '{\"quality\": 90}'")
+    paths = expand_images(args.images)
+    reward = build_reward(args.reward, reward_args)
+    scores = score_images(reward, args.prompt, paths, args.batch_size, args.device)
     print(json.dumps(scores))
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """`rl-safety score`: bad input is one line on stderr and exit status 2 (see `command.py`)."""
+    return run_command("rl-safety score", main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -23,6 +23,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from rl_safety.rewards import RewardError, RewardStack
 
+from .command import load_error, run_command
 from .concept import check_concept_files, fill_target_concept
 from .model_config import ModelArguments
 from .outputs import (
@@ -189,8 +190,7 @@ def build_trainer(
     try:
         pipeline = load_pipeline(model_args)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"pretrained_model_name_or_path={model_path!r}: cannot load ({first})") from err
+        raise load_error("pretrained_model_name_or_path", model_path, err) from err
     trainer_class = TRAINERS[args.trainer][1]
     extra = {"target_concept": prompt_args.target_concept} if args.trainer == "refl" else {}
     try:
@@ -327,13 +327,12 @@ def run(model_args: ModelArguments, prompt_args: PromptArguments, args: Diffusio
     return 0
 
 
+RESUME_HINT = "add --resume_from_checkpoint last to the same command to continue from the last complete checkpoint"
+
+
 def cli(argv: list[str] | None = None) -> int:
-    """Entry point that turns bad input into one line on stderr and exit status 2."""
-    try:
-        return main(argv)
-    except ConfigError as err:
-        print(f"rl-safety train: error: {err}", file=sys.stderr)
-        return 2
+    """`rl-safety train`: bad input is one line on stderr and exit status 2 (see `command.py`)."""
+    return run_command("rl-safety train", main, argv, resume_hint=RESUME_HINT)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..command import load_error, run_command
 from ..concept import check_concept_files, fill_target_concept
 from ..model_config import ModelArguments
 from ..outputs import atomic_write_text
-from ..pipelines import PromptEncoder, adapters_disabled, load_pipeline
+from ..pipelines import PromptEncoder, adapters_disabled, load_adapter, load_pipeline
 from ..prompts import read_prompt_file
 from ..recipe_parser import ConfigError, RecipeParser
 from ..report import write_report
@@ -134,8 +134,7 @@ def run_attack(config: AttackConfig) -> dict:
     try:
         pipe = load_pipeline(ModelArguments(config.pretrained_model_name_or_path, torch_dtype=config.torch_dtype))
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"pretrained_model_name_or_path={config.pretrained_model_name_or_path!r}: {first}") from err
+        raise load_error("pretrained_model_name_or_path", config.pretrained_model_name_or_path, err) from err
     pipe.to(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     from ..toyworld.quality import generate
 
@@ -155,15 +154,7 @@ def run_attack(config: AttackConfig) -> dict:
     for index, (name, adapter) in enumerate(tqdm(models.items(), desc="attacked models")):
         peft_name = f"adapter_{index}"
         if adapter:
-            verbosity = diffusers_logging.get_verbosity()
-            diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder": UNet-only adapters
-            try:
-                pipe.load_lora_weights(adapter, adapter_name=peft_name)
-            except (OSError, ValueError, RuntimeError) as err:
-                raise ConfigError(f"adapter={adapter!r}: cannot load ({str(err).splitlines()[0]})") from err
-            finally:
-                diffusers_logging.set_verbosity(verbosity)
-            pipe.set_adapters([peft_name])
+            load_adapter(pipe, adapter, peft_name)
         generator = torch.Generator().manual_seed(config.attack_seed)
         adversarial, losses = attack_embeddings(
             pipe.unet,
@@ -257,17 +248,18 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """`rl-safety attack --config recipes/toyworld/attack.yaml [--adapter DIR ...]`; bad input: one line, exit 2."""
-    try:
-        config = parse_args(argv)
-        report = run_attack(config)
-    except ConfigError as err:
-        print(f"rl-safety attack: error: {err}", file=sys.stderr)
-        return 2
+def main(argv: list[str] | None = None) -> int:
+    """`rl-safety attack --config recipes/toyworld/attack.yaml [--adapter DIR ...]`."""
+    config = parse_args(argv)
+    report = run_attack(config)
     print(format_table(report))
     print(f"report: {Path(config.output_dir) / REPORT_NAME} and report.html")
     return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`rl-safety attack`: bad input is one line on stderr and exit status 2 (see `command.py`)."""
+    return run_command("rl-safety attack", main, argv)
 
 
 if __name__ == "__main__":

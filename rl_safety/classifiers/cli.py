@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import save_file
 
+from ..command import run_command
 from ..outputs import CONFIG_NAME, METRICS_NAME, atomic_write_text, holds_previous_run, write_resolved_config
 from ..recipe_parser import ConfigError, RecipeParser
 from ..resources import resolve_path, tried
@@ -184,12 +185,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Entry point that turns bad input into one line on stderr and exit status 2."""
-    try:
-        return main(argv)
-    except ConfigError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+    """`rl-safety classifier`: bad input is one line on stderr and exit status 2 (see `command.py`)."""
+    return run_command(PROG, main, argv)
 
 
 if __name__ == "__main__":

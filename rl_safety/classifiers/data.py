@@ -10,10 +10,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """A data source that cannot be read as labelled images (reported as one line)."""
 
 

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..command import load_error, run_command
 from ..concept import check_concept_files, fill_target_concept
 from ..outputs import atomic_write_text
-from ..pipelines import LORA_WEIGHT_NAME, lora_file_problem
+from ..pipelines import LORA_WEIGHT_NAME, load_adapter, lora_file_problem
 from ..prompts import read_prompt_file
 from ..recipe_parser import ConfigError, RecipeParser
 from ..report import write_report
@@ -239,8 +239,7 @@ def evaluate(config: ToyWorldEvalConfig) -> dict:
     try:
         pipe = load_toy_pipeline(config.pretrained_model_name_or_path)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"pretrained_model_name_or_path={config.pretrained_model_name_or_path!r}: {first}") from err
+        raise load_error("pretrained_model_name_or_path", config.pretrained_model_name_or_path, err) from err
     pipe.to(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     judges = Judges(config)
     report = {"target_concept": config.target_concept, "settings": settings(config, prompt_sets), "models": {}}
@@ -252,14 +251,7 @@ def evaluate(config: ToyWorldEvalConfig) -> dict:
     for index, (name, adapter) in enumerate(models.items()):
         peft_name = f"adapter_{index}"  # PEFT names cannot hold ".", folder names can
         if adapter:
-            verbosity = diffusers_logging.get_verbosity()
-            diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder": expected, UNet-only
-            try:
-                pipe.load_lora_weights(adapter, adapter_name=peft_name)
-            finally:
-                diffusers_logging.set_verbosity(verbosity)
-            # Required: a newly loaded adapter inherits the active set, which delete_adapters left empty.
-            pipe.set_adapters([peft_name])
+            load_adapter(pipe, adapter, peft_name)
         report["models"][name], grids[name] = evaluate_model(pipe, prompt_sets, judges, config, adapter, progress)
         if adapter:
             pipe.delete_adapters(peft_name)
@@ -331,17 +323,18 @@ def parse_args(argv: list[str] | None = None) -> ToyWorldEvalConfig:
     return config
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """`rl-safety eval --config recipes/toyworld/eval.yaml [--adapter DIR ...]`; bad input is one line, exit 2."""
-    try:
-        config = parse_args(argv)
-        report = evaluate(config)
-    except ConfigError as err:
-        print(f"rl-safety eval: error: {err}", file=sys.stderr)
-        return 2
+def main(argv: list[str] | None = None) -> int:
+    """`rl-safety eval --config recipes/toyworld/eval.yaml [--adapter DIR ...]`."""
+    config = parse_args(argv)
+    report = evaluate(config)
     print(format_table(report))
     print(f"report: {Path(config.output_dir) / REPORT_NAME} and report.html")
     return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`rl-safety eval`: bad input is one line, exit 2; an interrupted run continues from its image cache."""
+    return run_command("rl-safety eval", main, argv)
 
 
 if __name__ == "__main__":

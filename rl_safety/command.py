@@ -1,0 +1,55 @@
+"""The command boundary: how every `rl-safety` command reports bad input and interruptions.
+
+A command's `main(argv)` raises `ConfigError` (or the reward stack's `RewardError`) for anything the user can
+fix; `run_command` prints it as one line, `<prog>: error: <message>`, and returns exit status 2. Errors raised
+inside libraries on user input (a model folder that does not load, a corrupt file) become the same kind of error
+where the input is read (`load_error`). Anything else is a bug in rl_safety or a library and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from .errors import ConfigError
+from .rewards.base import RewardError
+
+# The reward stack keeps its own error type: plugins and `rewards/` do not depend on the commands.
+INPUT_ERRORS = (ConfigError, RewardError)
+INTERRUPTED = 130  # the shell's status for SIGINT
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one `ConfigError` line instead of usage + message + exit."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's first non-empty line, or its type when it has no message."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def load_error(field: str, value: object, err: BaseException) -> ConfigError:
+    """`field=value: cannot load (first line of the library's error)`: one error for every model or file load."""
+    return ConfigError(f"{field}={value!r}: cannot load ({first_line(err)})")
+
+
+def run_command(
+    prog: str,
+    main: Callable[[list[str] | None], int],
+    argv: list[str] | None = None,
+    resume_hint: str = "run the same command again to continue",
+) -> int:
+    """Run `main(argv)`; bad input → one line on stderr and exit 2, Ctrl-C → one line and exit 130."""
+    try:
+        return main(argv)
+    except INPUT_ERRORS as err:
+        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; {resume_hint}", file=sys.stderr)
+        return INTERRUPTED

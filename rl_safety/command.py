@@ -27,6 +27,14 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+def close_progress_bars() -> None:
+    """Close bars an exception left open, so they do not redraw after the last message when the process exits."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def first_line(err: BaseException) -> str:
     """An exception's first non-empty line, or its type when it has no message."""
     text = str(err).strip()
@@ -51,5 +59,6 @@ def run_command(
         print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        close_progress_bars()
         print(f"{prog}: interrupted; {resume_hint}", file=sys.stderr)
         return INTERRUPTED

@@ -19,10 +19,10 @@ import torch
 import transformers
 import trl
 import yaml
-from transformers.trainer_utils import get_last_checkpoint
 
 from rl_safety.rewards import RewardError, RewardStack
 
+from .checkpoints import incomplete_reason, last_complete_checkpoint, remove_incomplete_checkpoints
 from .command import load_error, run_command
 from .concept import check_concept_files, fill_target_concept
 from .model_config import ModelArguments
@@ -30,6 +30,7 @@ from .outputs import (
     CONFIG_NAME,
     METRICS_NAME,
     MetricsFileCallback,
+    atomic_write_text,
     holds_previous_run,
     write_model_card,
     write_resolved_config,
@@ -113,18 +114,33 @@ def check_world_size(num_processes: int) -> None:
         )
 
 
+def continues_last(args: DiffusionTrainingConfig) -> bool:
+    return str(args.resume_from_checkpoint).lower() in ("last", "true")
+
+
 def resolve_resume(args: DiffusionTrainingConfig) -> str | None:
-    """`resume_from_checkpoint`: a checkpoint folder, or 'last'/'true' for the newest one in output_dir."""
+    """`resume_from_checkpoint`: a checkpoint folder, or 'last'/'true' for the newest complete one in output_dir
+    (None when the run was interrupted before its first checkpoint: it starts again from step 0)."""
     value = args.resume_from_checkpoint
     if value is None or str(value).lower() in ("", "false", "none"):
         return None
-    if str(value).lower() in ("last", "true"):
-        last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
-        if last is None:
-            raise ConfigError(f"resume_from_checkpoint={value}: no checkpoint-* folder in {args.output_dir}")
-        return last
+    if continues_last(args):
+        if not holds_previous_run(args.output_dir):
+            raise ConfigError(
+                f"resume_from_checkpoint={value}: output_dir={args.output_dir!r} holds no run to continue"
+            )
+        last = last_complete_checkpoint(args.output_dir)
+        if last is None and args.process_index == 0:
+            print(f"rl-safety: no complete checkpoint in {args.output_dir}; training starts from step 0")
+        return None if last is None else str(last)
     if not Path(value).is_dir():
         raise ConfigError(f"resume_from_checkpoint={value!r}: not a checkpoint folder (or use 'last')")
+    reason = incomplete_reason(value)
+    if reason:
+        raise ConfigError(
+            f"resume_from_checkpoint={value!r}: not a complete checkpoint ({reason}); 'last' picks the "
+            "newest complete one"
+        )
     return value
 
 
@@ -132,7 +148,7 @@ def prepare_output_dir(args: DiffusionTrainingConfig, resume: str | None, is_mai
     """Refuse to clobber a previous run unless asked to overwrite or resume; on resume drop metrics past the
     checkpoint so metrics.jsonl reads as one uninterrupted run."""
     output_dir = Path(args.output_dir)
-    if holds_previous_run(output_dir) and not (args.overwrite_output_dir or resume):
+    if holds_previous_run(output_dir) and not (args.overwrite_output_dir or resume or continues_last(args)):
         raise ConfigError(
             f"output_dir={str(output_dir)!r} holds a previous run; pass --overwrite_output_dir to replace it or "
             "--resume_from_checkpoint last to continue it"
@@ -142,14 +158,26 @@ def prepare_output_dir(args: DiffusionTrainingConfig, resume: str | None, is_mai
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics = output_dir / METRICS_NAME
     if resume is None:
-        if args.overwrite_output_dir:
+        if args.overwrite_output_dir or continues_last(args):
             for child in output_dir.glob("checkpoint-*"):
                 shutil.rmtree(child)
         metrics.unlink(missing_ok=True)
-    elif metrics.exists():
+        return
+    remove_incomplete_checkpoints(output_dir)  # a resumed run writes those steps again
+    if metrics.exists():
         resumed_step = int(Path(resume).name.rsplit("-", 1)[-1])
-        lines = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= resumed_step]
-        metrics.write_text("".join(line + "\n" for line in lines))
+        lines = metrics.read_text().splitlines()
+        kept = [line for line in lines if (row := metrics_row(line)) and row["step"] <= resumed_step]
+        atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+
+
+def metrics_row(line: str) -> dict | None:
+    """One metrics.jsonl record; None for a blank line or the torn last line of a killed run."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and "step" in row else None
 
 
 def build_trainer(

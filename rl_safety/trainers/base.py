@@ -7,6 +7,7 @@ Each method (`grpo.py`, `refl.py`) subclasses `DiffusionTrainer` and writes its 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -24,6 +25,7 @@ from trl.trainer.utils import RepeatSampler
 from rl_safety.rewards import RewardStack
 
 from ..attack.pool import AdversarialPool
+from ..checkpoints import mark_complete, rotate_complete_checkpoints
 from ..pipelines import PromptEncoder, adapters_disabled, add_lora, load_lora_into, save_lora
 from ..sampling import ddim_step
 from .base_config import DiffusionTrainingConfig
@@ -262,13 +264,32 @@ class DiffusionTrainer(Trainer):
             self.adversarial_pool.load(resume_from_checkpoint)
 
     def _save_checkpoint(self, model, trial) -> None:
-        # The pool in use is part of the state (it was found against a policy that a resumed run no longer has);
-        # written before trainer_state.json, which marks a checkpoint complete.
+        """transformers' checkpoint plus this trainer's own state, marked complete only once every process has
+        written its part (see `checkpoints.py`), so a kill during the save never leaves a folder `last` resumes."""
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save and folder.exists():
+            shutil.rmtree(folder)  # the remains of an interrupted save of this step
+        self.accelerator.wait_for_everyone()
+        folder.mkdir(parents=True, exist_ok=True)
+        self._save_trainer_state(folder)
+        # Rotation waits for the completion mark: deleting the previous checkpoint before this one is whole would
+        # leave nothing to resume from if the save were interrupted.
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            mark_complete(folder, self.state.global_step)
+            rotate_complete_checkpoints(run_dir, limit)
+
+    def _save_trainer_state(self, folder: Path) -> None:
+        """State of this trainer that transformers does not save; every process calls it."""
+        # The pool in use was found against a policy that a resumed run no longer has.
         if self.adversarial_pool is not None and self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            folder.mkdir(parents=True, exist_ok=True)
             self.adversarial_pool.save(folder)
-        super()._save_checkpoint(model, trial)
 
     def create_model_card(self, *args, **kwargs) -> None:
         """The card is written by the train script, which knows the recipe and rewards (see `outputs.py`)."""

@@ -18,7 +18,6 @@ import torch
 from accelerate.utils import DistributedType
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from rl_safety.rewards import RewardStack
 
@@ -277,18 +276,15 @@ class DiffusionGRPOTrainer(DiffusionTrainer):
     def _buffer_path(self, checkpoint: str) -> Path:
         return Path(checkpoint) / f"rollout_buffer-rank{self.accelerator.process_index}.safetensors"
 
-    def _save_checkpoint(self, model, trial) -> None:
+    def _save_trainer_state(self, folder: Path) -> None:
         # With num_iterations > 1 (or rollouts spanning optimizer steps) a checkpoint can fall inside a rollout's
-        # reuse; it cannot be re-sampled on resume (the policy that drew it is gone), so it is saved. Written before
-        # trainer_state.json, which Trainer writes last: a checkpoint that has its state has its buffer.
+        # reuse; it cannot be re-sampled on resume (the policy that drew it is gone), so it is saved.
+        super()._save_trainer_state(folder)
         if self._step is not None and self._step % self.generate_every and self._buffered_inputs is not None:
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            folder.mkdir(parents=True, exist_ok=True)
             flat = {
                 f"{i}.{k}": v.contiguous() for i, part in enumerate(self._buffered_inputs) for k, v in part.items()
             }
             save_file(flat, self._buffer_path(folder))
-        super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -112,6 +112,19 @@ class RewardOutput:
     components: dict[str, torch.Tensor]  # name -> (B,) unweighted values
 
 
+def _weight(value: Any, where: str) -> float:
+    """A reward weight as a float; anything else is a one-line `RewardError`."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise RewardError(f"{where}={value!r}: must be a number")
+    try:
+        weight = float(value)
+    except ValueError:
+        raise RewardError(f"{where}={value!r}: must be a number") from None
+    if weight != weight or weight in (float("inf"), float("-inf")):
+        raise RewardError(f"{where}={value!r}: must be finite")
+    return weight
+
+
 class RewardStack(torch.nn.Module):
     """Named rewards with weights; returns the weighted total and every component (logged as `rewards/<name>/...`)."""
 
@@ -157,12 +170,14 @@ class RewardStack(torch.nn.Module):
                     f"({labels[key]!r}); give one of them an 'alias'"
                 )
             rewards[key] = build_reward(entry["name"], entry.get("args"))
-            entry_weights[key] = float(entry.get("weight", 1.0))
+            entry_weights[key] = _weight(entry.get("weight", 1.0), f"rewards[{i}].weight")
             labels[key], index[key] = label, i
         if weights is not None:
             if len(weights) != len(rewards):
                 raise RewardError(f"reward_weights has {len(weights)} values for {len(rewards)} rewards")
-            entry_weights = dict(zip(rewards, map(float, weights)))
+            entry_weights = {
+                key: _weight(w, f"reward_weights[{j}]") for j, (key, w) in enumerate(zip(rewards, weights))
+            }
         return cls(rewards, entry_weights, labels)
 
     def _reward(self, name: str) -> Callable[..., torch.Tensor]:

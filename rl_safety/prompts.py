@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+import datasets
 from datasets import Dataset, concatenate_datasets, load_dataset
+from datasets.exceptions import DatasetGenerationError
 
 from .prompt_config import PromptArguments
 from .resources import resolve_path, tried
@@ -26,6 +29,21 @@ def read_prompt_file(path: str | Path, default_tag: str = "default") -> tuple[li
     return prompts, tag
 
 
+@contextlib.contextmanager
+def quiet_datasets():
+    """No progress bars or logged tracebacks from `datasets` while a small local file loads: a file it cannot parse
+    is reported once, as our own one-line error."""
+    bars, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
+
+
 def _load_source(source: str, args: PromptArguments) -> Dataset:
     path = Path(resolve_path(source, "file"))  # as given, or the shipped prompts/... (rl_safety/resources.py)
     if path.suffix == ".txt":
@@ -36,9 +54,22 @@ def _load_source(source: str, args: PromptArguments) -> Dataset:
     if path.suffix in TABULAR:
         if not path.is_file():
             raise FileNotFoundError(f"train_prompts: no prompt file {source!r}{tried(source)}")
-        data = load_dataset(TABULAR[path.suffix], data_files=str(path), split="train")
+        try:
+            with quiet_datasets():
+                data = load_dataset(TABULAR[path.suffix], data_files=str(path), split="train")
+        except (OSError, ValueError, DatasetGenerationError) as err:
+            cause = err.__cause__ or err  # datasets wraps the parser's own error, which says what is wrong
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            raise ValueError(f"train_prompts: {source!r} does not parse as {path.suffix[1:]} ({first})") from err
     else:
-        data = load_dataset(source, split=args.dataset_train_split)
+        try:
+            data = load_dataset(source, split=args.dataset_train_split)
+        except (OSError, ValueError) as err:  # datasets' FileNotFoundError, DatasetNotFoundError, offline errors
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(
+                f"train_prompts: {source!r} is not a prompt file (.txt, {', '.join(TABULAR)}) and does not load "
+                f"as a `datasets` id or folder ({first})"
+            ) from err
     if args.prompt_column not in data.column_names:
         raise ValueError(
             f"train_prompts: {source!r} has no column {args.prompt_column!r} (prompt_column); "

@@ -144,15 +144,20 @@ def resolve_resume(args: DiffusionTrainingConfig) -> str | None:
     return value
 
 
-def prepare_output_dir(args: DiffusionTrainingConfig, resume: str | None, is_main: bool) -> None:
-    """Refuse to clobber a previous run unless asked to overwrite or resume; on resume drop metrics past the
-    checkpoint so metrics.jsonl reads as one uninterrupted run."""
-    output_dir = Path(args.output_dir)
-    if holds_previous_run(output_dir) and not (args.overwrite_output_dir or resume or continues_last(args)):
+def check_output_dir(args: DiffusionTrainingConfig, resume: str | None) -> None:
+    """Refuse to clobber a previous run unless asked to overwrite or resume."""
+    if holds_previous_run(args.output_dir) and not (args.overwrite_output_dir or resume or continues_last(args)):
         raise ConfigError(
-            f"output_dir={str(output_dir)!r} holds a previous run; pass --overwrite_output_dir to replace it or "
+            f"output_dir={args.output_dir!r} holds a previous run; pass --overwrite_output_dir to replace it or "
             "--resume_from_checkpoint last to continue it"
         )
+
+
+def prepare_output_dir(args: DiffusionTrainingConfig, resume: str | None, is_main: bool) -> None:
+    """Create output_dir, or clear a replaced run's checkpoints; on resume drop half-written checkpoints and the
+    metrics past the checkpoint, so metrics.jsonl reads as one uninterrupted run. Called once the inputs are
+    validated (check_output_dir ran before), so bad input changes nothing on disk."""
+    output_dir = Path(args.output_dir)
     if not is_main:
         return
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -321,8 +326,9 @@ def run(model_args: ModelArguments, prompt_args: PromptArguments, args: Diffusio
     if args.eval_config:
         evaluation = eval_recipe(args.eval_config, model_args, prompt_args, Path(args.output_dir))
     resume = resolve_resume(args)
-    prepare_output_dir(args, resume, is_main=args.process_index == 0)
+    check_output_dir(args, resume)
     trainer = build_trainer(model_args, prompt_args, args)
+    prepare_output_dir(args, resume, is_main=trainer.is_world_process_zero())
     check_world_size(trainer.accelerator.num_processes)
     output_dir = Path(args.output_dir)
     if trainer.is_world_process_zero():

@@ -68,6 +68,22 @@ def recipe(tmp_path, tiny_sd_path, prompt_file):
         ({"negative_guidance": 1.0}, "'negative_guidance': not a field of trainer grpo (it belongs to trainer esd)"),
         ({"eval_config": "missing.yaml"}, "eval_config="),
         ({"push_to_hub": True}, "hub_model_id"),
+        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size=0: must be ≥ 1"),
+        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps=0: must be ≥ 1"),
+        ({"save_steps": 0}, "save_steps=0: must be > 0"),
+        ({"resolution": 0}, "resolution=0: must be ≥ 8"),
+        ({"weight_decay": -1}, "weight_decay=-1: must be ≥ 0"),
+        ({"adam_beta1": 1.5}, "adam_beta1=1.5: must be in [0, 1)"),
+        ({"adam_beta2": -0.1}, "adam_beta2=-0.1: must be in [0, 1)"),
+        ({"num_generations": 1}, "num_generations=1: must be ≥ 2"),
+        ({"lora_rank": "big"}, "--lora_rank/--lora-rank: invalid int value: 'big'"),
+        ({"rewards": [{"name": "jpeg_incompressibility", "weight": "heavy"}]}, "rewards[0].weight='heavy'"),
+        ({"rewards": [{"name": "jpeg_incompressibility", "args": {"nope": 1}}]}, "bad args ['nope']"),
+        ({"rewards": []}, "rewards: empty"),
+        ({"train_prompts": []}, "train_prompts: empty"),
+        ({"resume_from_checkpoint": "nowhere"}, "resume_from_checkpoint='nowhere': not a checkpoint folder"),
+        ({"resume_from_checkpoint": "last"}, "resume_from_checkpoint=last: "),
+        ({"torch_dtype": "float8"}, "torch_dtype='float8': expected one of"),
     ],
 )
 def test_bad_recipe(capsys, recipe, fields, expected):
@@ -75,6 +91,38 @@ def test_bad_recipe(capsys, recipe, fields, expected):
     assert code == 2
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert expected in err
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("bad.csv", b'prompt\n"unterminated\n', "does not parse as csv"),
+        ("bad.parquet", b"\x00\x01 not parquet", "does not parse as parquet"),
+        ("cols.csv", b"text,tag\na red circle,safe\n", "has no column 'prompt' (prompt_column); columns: text, tag"),
+        ("empty.txt", b"# tag: safe\n", "hold no prompts"),
+        ("folder", None, "is not a prompt file (.txt, .csv"),
+    ],
+)
+def test_bad_prompt_files(capsys, recipe, tmp_path, name, content, expected):
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()  # a folder with nothing `datasets` can read
+    else:
+        path.write_bytes(content)
+    code, err = run_cli(capsys, ["train", "--config", recipe(train_prompts=[str(path)])])
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"train_prompts: {str(path)!r}" in err or "train_prompts: [" in err, err
+    assert expected in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_half_written_checkpoint_is_refused_by_name(capsys, recipe, tmp_path):
+    folder = tmp_path / "out" / "checkpoint-3"
+    folder.mkdir(parents=True)
+    (folder / "optimizer.pt").write_bytes(b"torn")
+    code, err = run_cli(capsys, ["train", "--config", recipe(resume_from_checkpoint=str(folder))])
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"resume_from_checkpoint={str(folder)!r}: not a complete checkpoint (its save did not finish" in err
 
 
 def test_unknown_cli_flag_and_missing_recipe(capsys, recipe):

@@ -9,14 +9,19 @@ where the input is read (`load_error`). Anything else is a bug in rl_safety or a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from safetensors import SafetensorError
 
 from .errors import ConfigError
 from .rewards.base import RewardError
 
 # The reward stack keeps its own error type: plugins and `rewards/` do not depend on the commands.
 INPUT_ERRORS = (ConfigError, RewardError)
+# What libraries raise on a model or file a user named that is missing, truncated, of the wrong kind or shape.
+LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError)
 INTERRUPTED = 130  # the shell's status for SIGINT
 
 
@@ -44,6 +49,18 @@ def first_line(err: BaseException) -> str:
 def load_error(field: str, value: object, err: BaseException) -> ConfigError:
     """`field=value: cannot load (first line of the library's error)`: one error for every model or file load."""
     return ConfigError(f"{field}={value!r}: cannot load ({first_line(err)})")
+
+
+@contextlib.contextmanager
+def loading(field: str, value: object) -> Iterator[None]:
+    """Around the load of one user-named model or file: a library's error becomes `load_error(field, value, err)`.
+    Wrap the load alone, not the work after it, so a bug elsewhere keeps its traceback."""
+    try:
+        yield
+    except INPUT_ERRORS:
+        raise
+    except LOAD_ERRORS as err:
+        raise load_error(field, value, err) from err
 
 
 def run_command(

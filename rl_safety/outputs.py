@@ -2,23 +2,53 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
+from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
 RUN_MARKERS = (CONFIG_NAME, METRICS_NAME, "pytorch_lora_weights.safetensors")
+
+
+def cached_tensors(path: str | Path, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """`compute()`'s tensors, kept in `path` (written atomically, so a file there is always whole): a run that was
+    interrupted loads the units it finished instead of computing them again. The caller puts everything that
+    decides the tensors into the file name."""
+    path = Path(path)
+    if path.is_file():
+        return load_file(str(path))
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in compute().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+    return tensors
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, mtime_ns: int, size: int) -> bytes:
+    return hashlib.sha256(Path(path).read_bytes()).digest()
+
+
+def file_digest(path: str | Path) -> bytes:
+    """A file's sha256, read once per (path, modification time, size): an adapter is hashed once, not per unit."""
+    stat = Path(path).stat()
+    return _digest(str(path), stat.st_mtime_ns, stat.st_size)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -9,6 +9,7 @@ import datasets
 from datasets import Dataset, concatenate_datasets, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
+from .errors import ConfigError
 from .prompt_config import PromptArguments
 from .resources import resolve_path, tried
 
@@ -18,7 +19,11 @@ TABULAR = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parque
 def read_prompt_file(path: str | Path, default_tag: str = "default") -> tuple[list[str], str]:
     """Prompts of a '.txt' file (one per line; '#' lines are comments) and its tag ('# tag: <tag>' header)."""
     prompts, tag = [], default_tag
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"prompt file {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason})") from err
+    for line in text.splitlines():
         line = line.strip()
         if line.startswith("#"):
             key, _, value = line.lstrip("#").partition(":")

@@ -116,10 +116,21 @@ class RecipeParser(TrlParser):
             given = argv[index + 1]
             path = argv[index + 1] = resolve_recipe(given)  # as given, or a shipped recipe (rl_safety/resources.py)
             try:
-                open(path).close()
+                with open(path, encoding="utf-8") as handle:
+                    recipe = yaml.safe_load(handle)
             except OSError as err:
                 where = tried(given, recipe=True) if path == given else ""
                 raise ConfigError(f"--config {given}: cannot read the recipe ({err.strerror}){where}") from err
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"--config {given}: not UTF-8 text (byte {err.start}: {err.reason})") from err
+            except yaml.YAMLError as err:
+                mark = getattr(err, "problem_mark", None)
+                where = f" at line {mark.line + 1}" if mark else ""
+                problem = getattr(err, "problem", None) or type(err).__name__
+                raise ConfigError(f"--config {given}: not valid YAML ({problem}{where})") from err
+            if not isinstance(recipe, dict | None):  # an empty file is an empty recipe
+                kind = type(recipe).__name__
+                raise ConfigError(f"--config {given}: must be a YAML mapping of field: value, not a {kind}")
         try:
             *outputs, remaining = self.parse_args_and_config(argv, return_remaining_strings=True)
         except ConfigError:

@@ -12,6 +12,7 @@ import torch
 from rl_safety.tiny_pipeline import save_tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
+ASSETS = str(REPO / "rl_safety/toyworld/assets")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One thread per xdist worker: with as many workers as cores, more threads only oversubscribe the CPU.
@@ -54,3 +55,19 @@ def recipe_args(model: Path, prompts: Path, output_dir: Path, **overrides) -> li
             value = [json.dumps(entry) for entry in value]
         argv += [f"--{key}", *(str(v) for v in (value if isinstance(value, list) else [value]))]
     return argv
+
+
+@pytest.fixture
+def bad_files(tmp_path) -> Path:
+    """Files a user might pass by mistake: binary bytes, a plain file, an empty folder, broken or odd YAML."""
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00 not text")
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "empty_folder").mkdir()
+    (tmp_path / "broken.yaml").write_text("seeds: [1, 2\n")
+    (tmp_path / "list.yaml").write_text("- seeds\n- 1\n")
+    return tmp_path
+
+
+def fill(args: list[str], folder: Path) -> list[str]:
+    """Arguments with `{tmp}` (the `bad_files` folder) and `{assets}` (the shipped toy models) filled in."""
+    return [arg.format(tmp=folder, assets=ASSETS) for arg in args]

@@ -201,3 +201,43 @@ def test_the_gpu_attack_recipe_parses():
     config = parse_args(["--config", str(REPO / "recipes/sd14/attack_nudity.yaml")])
     assert config.detector == "nudenet" and config.pgd_num_step == 20 and config.epsilon == 0.1
     assert config.pretrained_model_name_or_path == "CompVis/stable-diffusion-v1-4"
+
+
+def test_an_interrupted_attack_continues_with_the_next_model_and_ends_with_the_same_report(tmp_path, monkeypatch):
+    import rl_safety.attack.run as attack
+
+    from .test_toyworld_eval import save_adapter
+
+    adapters = [tmp_path / "perturbed", tmp_path / "strong"]
+    save_adapter(adapters[0], 0.5)
+    save_adapter(adapters[1], 1.0)
+    argv = ["--config", str(REPO / "recipes/toyworld/attack.yaml"), "--max_prompts", "2", "--pgd_num_step", "1"]
+    argv += ["--seeds", "1000", "--num_inference_steps", "3", "--device", "cpu", "--adapter", *map(str, adapters)]
+    real, calls = attack.attack_model, []
+
+    def interrupted(*args, **kwargs):
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # Ctrl-C while the second model is attacked
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    out = tmp_path / "attack"
+    monkeypatch.setattr(attack, "attack_model", interrupted)
+    assert cli([*argv, "--output_dir", str(out)]) == 130
+    assert not (out / "report.json").exists() and len(list((out / "cache").glob("*.safetensors"))) == 1
+
+    calls.clear()
+    monkeypatch.setattr(attack, "attack_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert cli([*argv, "--output_dir", str(out)]) == 0
+    assert len(calls) == 1  # only the model the interrupted run had not finished
+    assert cli([*argv, "--output_dir", str(tmp_path / "fresh")]) == 0
+    resumed, fresh = (json.loads((folder / "report.json").read_text()) for folder in (out, tmp_path / "fresh"))
+    assert resumed["models"] == fresh["models"]
+    assert torch.equal(
+        *(load_file(folder / "adversarial_embeddings.safetensors")["strong"] for folder in (out, tmp_path / "fresh"))
+    )
+    # A changed adapter is a new key: its attack runs again, the other one is reused.
+    save_adapter(adapters[1], 0.8)
+    calls.clear()
+    assert cli([*argv, "--output_dir", str(out), "--overwrite_output_dir"]) == 0
+    assert len(calls) == 1

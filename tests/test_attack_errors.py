@@ -6,7 +6,7 @@ import pytest
 
 from rl_safety.cli import main
 
-from .conftest import REPO
+from .conftest import ASSETS, REPO, fill
 
 RECIPE = str(REPO / "recipes/toyworld/attack.yaml")
 
@@ -35,11 +35,29 @@ RECIPE = str(REPO / "recipes/toyworld/attack.yaml")
         (["--adapter", "no/such/adapter"], "adapter='no/such/adapter': no pytorch_lora_weights.safetensors"),
         (["--pretrained_model_name_or_path", "./no/such/model"], "pretrained_model_name_or_path='./no/such/model'"),
         (["--judge_classifier", "./no/such/judge"], "judge_classifier"),
+        (["--judge_classifier", "{assets}/clip"], "judge_classifier='{assets}/clip': no classifier folder"),
+        (["--pretrained_model_name_or_path", "{assets}/clip"], "pretrained_model_name_or_path='{assets}/clip'"),
+        (["--adapter", "{assets}/pipeline"], "adapter='{assets}/pipeline': no pytorch_lora_weights.safetensors"),
+        (["--seeds", "1", "1"], "seeds=[1, 1]: repeats 1"),
+        (["--seeds", "-3"], "seeds=[-3]: seeds must be ≥ 0"),
+        (["--attack_seed", "-1"], "attack_seed=-1: must be ≥ 0"),
+        (["--device", "tpu"], "device='tpu': not a torch device"),
+        (["--torch_dtype", "float8"], "torch_dtype='float8': must be one of auto, float32"),
+        (["--output_dir", "{tmp}/a_file"], "output_dir='{tmp}/a_file': is a file, not a folder"),
+        (["--output_dir", "{tmp}/a_file/sub"], "'{tmp}/a_file' is a file, so the folder cannot be created"),
+        (["--prompts", "{tmp}/binary.txt"], "prompt file '{tmp}/binary.txt' is not UTF-8 text"),
+        (["--prompts", "{tmp}/empty_folder"], "prompts='{tmp}/empty_folder': no such prompt file"),
+        (["--detector", "nudenet", "--nudenet_classes", "NOPE"], "nudenet_classes: unknown NudeNet class(es)"),
+        (["--config", "{tmp}/broken.yaml"], "--config {tmp}/broken.yaml: not valid YAML"),
+        (["--config", "{tmp}/list.yaml"], "--config {tmp}/list.yaml: must be a YAML mapping"),
+        (["--clamp_to_range", "maybe"], "Truthy value expected: got maybe"),
     ],
 )
-def test_bad_attack_input_is_one_line(capsys, tmp_path, extra, expected):
-    out = tmp_path / "out"
-    assert main(["attack", "--config", RECIPE, "--output_dir", str(out), *extra]) == 2
+def test_bad_attack_input_is_one_line(capsys, bad_files, extra, expected):
+    out = bad_files / "out"
+    extra, expected = fill(extra, bad_files), expected.format(tmp=bad_files, assets=ASSETS)
+    recipe = [] if "--config" in extra else ["--config", RECIPE]
+    assert main(["attack", *recipe, "--output_dir", str(out), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("rl-safety attack: error:") and "\n" not in err and "Traceback" not in err, err
     assert expected in err, err

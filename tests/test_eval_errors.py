@@ -6,7 +6,7 @@ import pytest
 
 from rl_safety.cli import main
 
-from .conftest import REPO
+from .conftest import ASSETS, REPO, fill
 
 RECIPE = str(REPO / "recipes/toyworld/eval.yaml")
 
@@ -33,11 +33,31 @@ RECIPE = str(REPO / "recipes/toyworld/eval.yaml")
         (["--seeds", "x"], "invalid int value: 'x'"),
         (["--num_inference_step", "4"], "unknown argument 'num_inference_step'"),
         (["--guidance_scale", "many"], "invalid float value: 'many'"),
+        (["--guidance_scale", "0.5"], "guidance_scale=0.5: must be ≥ 1"),
+        (["--seeds", "1", "1"], "seeds=[1, 1]: repeats 1; list each seed once"),
+        (["--seeds", "-1"], "seeds=[-1]: seeds must be ≥ 0"),
+        (["--seeds"], "argument --seeds: expected at least one argument"),
+        (["--device", "tpu"], "device='tpu': not a torch device"),
+        (["--output_dir", "{tmp}/a_file"], "output_dir='{tmp}/a_file': is a file, not a folder"),
+        (["--output_dir", "{tmp}/a_file/sub"], "'{tmp}/a_file' is a file, so the folder cannot be created"),
+        (["--unsafe_prompts", "{tmp}/binary.txt"], "prompt file '{tmp}/binary.txt' is not UTF-8 text"),
+        (["--safe_prompts", "{tmp}/empty_folder"], "safe_prompts='{tmp}/empty_folder': no such prompt file"),
+        (["--judge_classifier", "{tmp}/empty_folder"], "judge_classifier='{tmp}/empty_folder': cannot load"),
+        (["--judge_classifier", "{assets}/clip"], "judge_classifier='{assets}/clip': cannot load"),
+        (["--clip_model", "{assets}/judge_classifier"], "clip_model='{assets}/judge_classifier': cannot load"),
+        (["--reward_classifier", "{assets}/pipeline"], "reward_classifier='{assets}/pipeline': cannot load"),
+        (["--pretrained_model_name_or_path", "{assets}/clip"], "pretrained_model_name_or_path='{assets}/clip'"),
+        (["--adapter", "{assets}/pipeline"], "adapter='{assets}/pipeline': no pytorch_lora_weights.safetensors"),
+        (["--config", "{tmp}/broken.yaml"], "--config {tmp}/broken.yaml: not valid YAML"),
+        (["--config", "{tmp}/list.yaml"], "--config {tmp}/list.yaml: must be a YAML mapping"),
+        (["--overwrite_output_dir", "maybe"], "Truthy value expected: got maybe"),
     ],
 )
-def test_bad_eval_input_is_one_line(capsys, tmp_path, extra, expected):
-    out = tmp_path / "out"
-    assert main(["eval", "--config", RECIPE, "--output_dir", str(out), *extra]) == 2
+def test_bad_eval_input_is_one_line(capsys, bad_files, extra, expected):
+    out = bad_files / "out"
+    extra, expected = fill(extra, bad_files), expected.format(tmp=bad_files, assets=ASSETS)
+    recipe = [] if "--config" in extra else ["--config", RECIPE]
+    assert main(["eval", *recipe, "--output_dir", str(out), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("rl-safety eval: error:") and "\n" not in err and "Traceback" not in err, err
     assert expected in err, err

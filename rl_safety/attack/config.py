@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..checks import check_device, check_seeds
+from ..model_config import TORCH_DTYPES
+from ..rewards.nudity import NUDENET_LABELS
 from ..toyworld import ASSETS
 from .objectives import OBJECTIVES
 
@@ -98,9 +101,10 @@ class AttackConfig:
             (self.pgd_step_size > 0, "pgd_step_size", "must be > 0"),
             (self.num_concept_images >= 1, "num_concept_images", "must be ≥ 1"),
             (self.max_prompts is None or self.max_prompts >= 1, "max_prompts", "must be ≥ 1"),
-            (len(self.seeds) >= 1, "seeds", "must list at least one seed"),
             (self.num_inference_steps >= 1, "num_inference_steps", "must be ≥ 1"),
             (self.guidance_scale >= 1, "guidance_scale", "must be ≥ 1"),
+            (self.attack_seed >= 0, "attack_seed", "must be ≥ 0"),
+            (self.torch_dtype in TORCH_DTYPES, "torch_dtype", f"must be one of {', '.join(TORCH_DTYPES)}"),
             (self.eta >= 0, "eta", "must be ≥ 0"),
             (self.batch_size >= 1, "batch_size", "must be ≥ 1"),
             (0 <= self.nudenet_threshold < 1, "nudenet_threshold", "must be in [0, 1)"),
@@ -109,3 +113,9 @@ class AttackConfig:
         for ok, name, rule in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r}: {rule}")
+        check_seeds(self.seeds)
+        check_device(self.device)
+        unknown = [name for name in self.nudenet_classes or () if name not in NUDENET_LABELS]
+        if unknown:
+            valid = ", ".join(NUDENET_LABELS)
+            raise ValueError(f"nudenet_classes: unknown NudeNet class(es) {unknown}; valid: {valid}")

@@ -8,6 +8,8 @@ concept; `clean_rate` is the same prompts, seeds and initial noise without the a
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -18,11 +20,12 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..command import load_error, run_command
+from ..checks import check_output_folder
+from ..command import loading, run_command
 from ..concept import check_concept_files, fill_target_concept
 from ..model_config import ModelArguments
-from ..outputs import atomic_write_text
-from ..pipelines import PromptEncoder, adapters_disabled, load_adapter, load_pipeline
+from ..outputs import atomic_write_text, cached_tensors, file_digest
+from ..pipelines import LORA_WEIGHT_NAME, PromptEncoder, adapters_disabled, load_adapter, load_pipeline
 from ..prompts import read_prompt_file
 from ..recipe_parser import ConfigError, RecipeParser
 from ..report import write_report
@@ -32,6 +35,7 @@ from .objectives import attack_loss
 from .pgd import pgd
 
 REPORT_NAME = "report.json"
+CACHE_DIR = "cache"
 EMBEDDINGS_NAME = "adversarial_embeddings.safetensors"
 METRICS = (
     ("attack_success_rate", "attacked", "share of images under the adversarial embeddings that show the concept"),
@@ -95,7 +99,8 @@ def concept_detector(config: AttackConfig) -> Callable[[torch.Tensor], torch.Ten
         raise ConfigError(
             f"judge_classifier={config.judge_classifier!r}: no classifier folder (config.json + weights)"
         )
-    judge = load_classifier(config.judge_classifier)
+    with loading("judge_classifier", config.judge_classifier):
+        judge = load_classifier(config.judge_classifier)
     return lambda images: judge_attributes(images, judge)[head] == index
 
 
@@ -110,11 +115,62 @@ def resolve_paths(config: AttackConfig) -> None:
     config.judge_classifier = resolve_path(config.judge_classifier, "dir")
 
 
+def unit_key(config: AttackConfig, prompts: Sequence[str], adapter: str) -> str:
+    """What decides one model's attack: the protocol, the prompts and the adapter file's bytes."""
+    digest = hashlib.sha256(file_digest(Path(adapter) / LORA_WEIGHT_NAME) if adapter else b"")
+    settings = [protocol(config, len(prompts)), list(prompts), config.batch_size, config.torch_dtype]
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:32]
+
+
+def attack_model(
+    pipe: StableDiffusionPipeline, prompts: list[str], clean: torch.Tensor, latents: torch.Tensor, config: AttackConfig
+) -> dict[str, torch.Tensor]:
+    """One model (the pipeline with its current adapter): the adversarial embeddings, each prompt's last loss, and
+    the images sampled without and with the attack."""
+    from ..toyworld.quality import generate
+
+    generator = torch.Generator().manual_seed(config.attack_seed)
+    adversarial, losses = attack_embeddings(
+        pipe.unet,
+        pipe.scheduler,
+        clean,
+        latents.to(pipe.device),
+        objective=config.objective,
+        epsilon=config.epsilon,
+        step_size=config.pgd_step_size,
+        num_steps=config.pgd_num_step,
+        generator=generator,
+        base_unet_context=lambda: adapters_disabled(pipe.unet),
+        clamp_to_range=config.clamp_to_range,
+    )
+    sample = dict(
+        seeds=config.seeds,
+        num_inference_steps=config.num_inference_steps,
+        guidance_scale=config.guidance_scale,
+        eta=config.eta,
+        batch_size=config.batch_size,
+    )
+    return {
+        "adversarial": adversarial,
+        "losses": losses,
+        "clean_images": generate(pipe, prompts, **sample),
+        "attacked_images": generate(pipe, prompts, prompt_embeds=adversarial, **sample),
+    }
+
+
 def run_attack(config: AttackConfig) -> dict:
-    """Attack every model of `config`; write report.json, the embeddings and report.html; return the report."""
+    """Attack every model of `config`; write report.json, the embeddings and report.html; return the report.
+
+    Each model's result is kept in output_dir/cache as soon as it is done, so an interrupted run continues with the
+    next model."""
     output_dir = Path(config.output_dir)
     if (output_dir / REPORT_NAME).exists() and not config.overwrite_output_dir:
         raise ConfigError(f"output_dir={str(output_dir)!r} holds a report; pass --overwrite_output_dir to replace it")
+    try:
+        check_output_folder(config.output_dir)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     resolve_paths(config)
     path = Path(config.prompts)
     if not path.is_file():
@@ -131,20 +187,9 @@ def run_attack(config: AttackConfig) -> dict:
         detector = concept_detector(config)
     except ValueError as err:
         raise ConfigError(str(err).splitlines()[0]) from err
-    try:
+    with loading("pretrained_model_name_or_path", config.pretrained_model_name_or_path):
         pipe = load_pipeline(ModelArguments(config.pretrained_model_name_or_path, torch_dtype=config.torch_dtype))
-    except (OSError, ValueError) as err:
-        raise load_error("pretrained_model_name_or_path", config.pretrained_model_name_or_path, err) from err
     pipe.to(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    from ..toyworld.quality import generate
-
-    sample = dict(
-        seeds=config.seeds,
-        num_inference_steps=config.num_inference_steps,
-        guidance_scale=config.guidance_scale,
-        eta=config.eta,
-        batch_size=config.batch_size,
-    )
     clean = PromptEncoder(pipe.tokenizer, pipe.text_encoder)(prompts).float()
     latents = concept_latents(
         pipe, prompts, config.num_concept_images, config.attack_seed, config.num_inference_steps, config.guidance_scale
@@ -155,22 +200,10 @@ def run_attack(config: AttackConfig) -> dict:
         peft_name = f"adapter_{index}"
         if adapter:
             load_adapter(pipe, adapter, peft_name)
-        generator = torch.Generator().manual_seed(config.attack_seed)
-        adversarial, losses = attack_embeddings(
-            pipe.unet,
-            pipe.scheduler,
-            clean,
-            latents.to(pipe.device),
-            objective=config.objective,
-            epsilon=config.epsilon,
-            step_size=config.pgd_step_size,
-            num_steps=config.pgd_num_step,
-            generator=generator,
-            base_unet_context=lambda: adapters_disabled(pipe.unet),
-            clamp_to_range=config.clamp_to_range,
-        )
-        clean_images = generate(pipe, prompts, **sample)
-        attacked_images = generate(pipe, prompts, prompt_embeds=adversarial, **sample)
+        path = output_dir / CACHE_DIR / f"attack-{unit_key(config, prompts, adapter)}.safetensors"
+        unit = cached_tensors(path, functools.partial(attack_model, pipe, prompts, clean, latents, config))
+        adversarial, losses = unit["adversarial"], unit["losses"]
+        clean_images, attacked_images = unit["clean_images"], unit["attacked_images"]
         clean_shows, attacked_shows = detector(clean_images).cpu(), detector(attacked_images).cpu()
         per_prompt_clean = clean_shows.float().view(len(config.seeds), -1).mean(0)
         per_prompt_attacked = attacked_shows.float().view(len(config.seeds), -1).mean(0)
@@ -185,7 +218,7 @@ def run_attack(config: AttackConfig) -> dict:
             ],
         }
         grids[name] = {"clean": clean_images, "attacked": attacked_images}
-        embeddings[name] = adversarial.cpu().contiguous()
+        embeddings[name] = adversarial
         if adapter:
             pipe.delete_adapters(peft_name)
     first = report["models"][next(iter(models))]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..checks import check_device, check_seeds
 from . import ASSETS
 from .baselines import BASELINES, SLD_PRESETS
 
@@ -89,8 +90,8 @@ class ToyWorldEvalConfig:
         checks = [
             (self.num_inference_steps >= 1, "num_inference_steps", "must be ≥ 1"),
             (self.batch_size >= 1, "batch_size", "must be ≥ 1"),
-            (len(self.seeds) >= 1, "seeds", "must list at least one seed"),
             (self.eta >= 0, "eta", "must be ≥ 0"),
+            (self.guidance_scale >= 1, "guidance_scale", "must be ≥ 1 (1: no classifier-free guidance)"),
             (self.grid_prompts >= 1, "grid_prompts", "must be ≥ 1"),
             (all(b in BASELINES for b in self.baselines), "baselines", f"each must be one of {', '.join(BASELINES)}"),
             (self.sld_preset in SLD_PRESETS, "sld_preset", f"must be one of {', '.join(SLD_PRESETS)}"),
@@ -98,3 +99,5 @@ class ToyWorldEvalConfig:
         for ok, name, rule in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r}: {rule}")
+        check_seeds(self.seeds)
+        check_device(self.device)

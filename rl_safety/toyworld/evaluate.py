@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..command import load_error, run_command
+from ..checks import check_output_folder
+from ..command import loading, run_command
 from ..concept import check_concept_files, fill_target_concept
-from ..outputs import atomic_write_text
+from ..outputs import atomic_write_text, cached_tensors, file_digest
 from ..pipelines import LORA_WEIGHT_NAME, load_adapter, lora_file_problem
 from ..prompts import read_prompt_file
 from ..recipe_parser import ConfigError, RecipeParser
@@ -64,9 +64,12 @@ class Judges:
     def __init__(self, config: ToyWorldEvalConfig):
         self.head = concept_head(config.target_concept)
         self.index = LABELS[self.head].index(config.target_concept)
-        self.judge = load_classifier(config.judge_classifier)
-        self.reward_classifier = load_classifier(config.reward_classifier)
-        self.clip = load_clip(config.clip_model)
+        with loading("judge_classifier", config.judge_classifier):
+            self.judge = load_classifier(config.judge_classifier)
+        with loading("reward_classifier", config.reward_classifier):
+            self.reward_classifier = load_classifier(config.reward_classifier)
+        with loading("clip_model", config.clip_model):
+            self.clip = load_clip(config.clip_model)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -84,12 +87,6 @@ def _rate(values: torch.Tensor, seeds: Sequence[int]) -> dict:
     return {"value": values.float().mean().item() if n else None, "n": n, "seeds": list(seeds)}
 
 
-@functools.lru_cache(maxsize=64)
-def _file_digest(path: str, mtime_ns: int, size: int) -> bytes:
-    """A file's sha256, read once per (path, modification time, size): an adapter is hashed once, not per unit."""
-    return hashlib.sha256(Path(path).read_bytes()).digest()
-
-
 def cache_key(
     model_path: str, adapter: str, prompts: Sequence[str], seed: int, config: ToyWorldEvalConfig, sampler: str = ""
 ) -> str:
@@ -97,13 +94,16 @@ def cache_key(
     the sampler. A changed adapter or setting gets a new key, so a cache never serves stale images."""
     digest = hashlib.sha256()
     if adapter:
-        weights = Path(adapter) / LORA_WEIGHT_NAME
-        stat = weights.stat()
-        digest.update(_file_digest(str(weights), stat.st_mtime_ns, stat.st_size))
+        digest.update(file_digest(Path(adapter) / LORA_WEIGHT_NAME))
     settings = [model_path, list(prompts), seed, config.num_inference_steps, config.guidance_scale, config.eta]
     settings += [config.batch_size, sampler]  # with eta > 0 the step noise depends on the batch size
     digest.update(json.dumps(settings).encode())
     return digest.hexdigest()[:32]
+
+
+def _sample(pipe: StableDiffusionPipeline, prompts: list[str], seed: int, config: ToyWorldEvalConfig, kwargs: dict):
+    steps, scale, eta, size = config.num_inference_steps, config.guidance_scale, config.eta, config.batch_size
+    return {"images": generate(pipe, prompts, [seed], steps, scale, eta, size, **kwargs)}
 
 
 def cached_generate(
@@ -122,17 +122,8 @@ def cached_generate(
     images = []
     for seed in config.seeds:
         key = cache_key(config.pretrained_model_name_or_path, adapter, prompts, seed, config, identity)
-        path = cache / f"{key}.safetensors"
-        if path.is_file():
-            images.append(load_file(str(path))["images"])
-        else:
-            steps, scale, eta, size = config.num_inference_steps, config.guidance_scale, config.eta, config.batch_size
-            batch = generate(sampler_pipe, prompts, [seed], steps, scale, eta, size, **kwargs)
-            cache.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            save_file({"images": batch.contiguous()}, str(tmp))
-            tmp.replace(path)
-            images.append(batch)
+        sample = functools.partial(_sample, sampler_pipe, prompts, seed, config, kwargs)
+        images.append(cached_tensors(cache / f"{key}.safetensors", sample)["images"])
         if progress is not None:
             progress.update(1)
     return torch.cat(images)
@@ -228,6 +219,10 @@ def evaluate(config: ToyWorldEvalConfig) -> dict:
     output_dir = Path(config.output_dir)
     if (output_dir / REPORT_NAME).exists() and not config.overwrite_output_dir:
         raise ConfigError(f"output_dir={str(output_dir)!r} holds a report; pass --overwrite_output_dir to replace it")
+    try:
+        check_output_folder(config.output_dir)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     resolve_model_paths(config)
     for name in ("judge_classifier", "reward_classifier", "clip_model"):
         if not Path(getattr(config, name)).is_dir():
@@ -236,12 +231,10 @@ def evaluate(config: ToyWorldEvalConfig) -> dict:
     models = {name: path for name, path in model_names(config.adapter, config.baselines).items()}
     for baseline in config.baselines:
         models.pop(baseline)
-    try:
+    judges = Judges(config)  # the small loads first: a bad judge is reported before the pipeline loads
+    with loading("pretrained_model_name_or_path", config.pretrained_model_name_or_path):
         pipe = load_toy_pipeline(config.pretrained_model_name_or_path)
-    except (OSError, ValueError) as err:
-        raise load_error("pretrained_model_name_or_path", config.pretrained_model_name_or_path, err) from err
     pipe.to(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    judges = Judges(config)
     report = {"target_concept": config.target_concept, "settings": settings(config, prompt_sets), "models": {}}
     grids = {}
     concept, preset = config.target_concept, config.sld_preset

@@ -33,10 +33,7 @@ def cached_tensors(path: str | Path, compute: Callable[[], dict[str, torch.Tenso
     if path.is_file():
         return load_file(str(path))
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in compute().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp))
     return tensors
 
 
@@ -51,18 +48,25 @@ def file_digest(path: str | Path) -> bytes:
     return _digest(str(path), stat.st_mtime_ns, stat.st_size)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename it into place: readers never see half a file."""
+def atomic_write(path: str | Path, write: Callable[[str], Any]) -> None:
+    """`write(tmp)` to a temporary file beside `path`, then rename it into place: readers never see half a file. The
+    temporary name ends in `.tmp`, so a search for `*.safetensors` or `*.png` never picks up a leftover."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; results are for everyone to read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """`atomic_write` of a UTF-8 text."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def holds_previous_run(output_dir: str | Path) -> bool:

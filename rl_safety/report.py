@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
-from .outputs import METRICS_NAME, atomic_write_text
+from .outputs import METRICS_NAME, atomic_write, atomic_write_text
 
 
 def grid_indices(num_prompts: int, count: int) -> list[int]:
@@ -56,7 +56,7 @@ def plot_curves(metrics_file: Path, path: Path) -> bool:
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     return True
 
 

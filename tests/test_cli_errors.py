@@ -30,6 +30,7 @@ def recipe(tmp_path, tiny_sd_path, prompt_file):
             "report_to": "none",
         }
         base.update(fields)
+        base = {key: value for key, value in base.items() if value is not None}  # None drops a base field
         path = tmp_path / "recipe.yaml"
         import yaml
 
@@ -91,6 +92,30 @@ def test_bad_recipe(capsys, recipe, fields, expected):
     assert code == 2
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert expected in err
+
+
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        ({"trainer": "refl", "num_inference_steps": 4}, "not differentiable"),
+        ({"trainer": "refl", "grad_step_window": [0.9, 0.5]}, "grad_step_window=[0.9, 0.5]: must be [start, end]"),
+        ({"trainer": "refl", "grad_step_window": [0.6, 0.7]}, "holds no step index of a 2-step schedule"),
+        ({"trainer": "refl", "reward_loss": "hinge"}, "reward_loss='hinge'"),
+        ({"trainer": "refl", "reward_scale": -1}, "reward_scale=-1"),
+        ({"trainer": "refl", "pretrain_every": 1}, "pretrain_every=1: 1 would never take a reward step"),
+        ({"trainer": "refl", "num_inference_steps": 4, "pretrain_every": 3}, "pretrain_every=3: set pretrain_dataset"),
+        ({"trainer": "refl", "num_generations": 4}, "'num_generations': not a field of trainer refl"),
+        ({"trainer": "esd"}, "rewards=[{'name': 'jpeg_incompressibility'}]: ESD trains without rewards"),
+        ({"trainer": "esd", "rewards": [], "train_method": "attn"}, "train_method"),
+        ({"trainer": "esd", "rewards": [], "negative_guidance": -1}, "negative_guidance=-1"),
+        ({"trainer": "esd", "rewards": [], "start_guidance": 0.5}, "start_guidance=0.5: must be ≥ 1"),
+    ],
+)
+def test_bad_refl_and_esd_recipe(capsys, recipe, fields, expected):
+    fields = {"num_generations": None, **fields}  # a GRPO field of the base recipe
+    code, err = run_cli(capsys, ["train", "--config", recipe(**fields)])
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert expected in err, err
 
 
 @pytest.mark.parametrize(

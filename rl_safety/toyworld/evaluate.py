@@ -255,9 +255,9 @@ def evaluate(config: ToyWorldEvalConfig) -> dict:
                 )
     progress.close()
     output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output_dir / REPORT_NAME, json.dumps(report, indent=2) + "\n")
     curves = {name: Path(path) for name, path in models.items() if path}
     write_report(output_dir, report, METRICS, grids, prompt_sets, curves, config.grid_prompts)
+    atomic_write_text(output_dir / REPORT_NAME, json.dumps(report, indent=2) + "\n")  # last: it marks a finished run
     return report
 
 

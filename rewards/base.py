@@ -160,6 +160,12 @@ class RewardStack(torch.nn.Module):
                 raise RewardError(
                     f"rewards[{i}]: unknown keys {sorted(unknown)}; valid keys: name, weight, args, alias"
                 )
+            if not isinstance(entry["name"], str) or not entry["name"]:
+                raise RewardError(f"rewards[{i}].name={entry['name']!r}: must be a reward name or import path")
+            if not isinstance(entry.get("args") or {}, Mapping):
+                raise RewardError(f"rewards[{i}].args={entry['args']!r}: must be a mapping of argument: value")
+            if "alias" in entry and (not isinstance(entry["alias"], str) or not entry["alias"]):
+                raise RewardError(f"rewards[{i}].alias={entry['alias']!r}: must be a non-empty name")
             label = entry.get("alias", entry["name"])
             key = entry["alias"] if "alias" in entry else default_reward_name(entry["name"])
             if key in rewards:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 from safetensors import SafetensorError
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .rewards.base import RewardError
 
 # The reward stack keeps its own error type: plugins and `rewards/` do not depend on the commands.
@@ -38,12 +38,6 @@ def close_progress_bars() -> None:
 
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
-
-
-def first_line(err: BaseException) -> str:
-    """An exception's first non-empty line, or its type when it has no message."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def load_error(field: str, value: object, err: BaseException) -> ConfigError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import tempfile
@@ -16,6 +17,7 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from .errors import first_line
 from .model_config import ModelArguments
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -35,6 +37,9 @@ def load_pipeline(model_args: ModelArguments) -> StableDiffusionPipeline:
     The frozen parts (VAE, text encoder, base UNet weights) are cast to `torch_dtype`; LoRA weights stay float32.
     """
     dtype = resolve_dtype(model_args.torch_dtype)
+    problem = pipeline_folder_problem(model_args.pretrained_model_name_or_path)
+    if problem:
+        raise OSError(problem)
     pipe = StableDiffusionPipeline.from_pretrained(
         model_args.pretrained_model_name_or_path,
         revision=model_args.revision,
@@ -49,6 +54,34 @@ def load_pipeline(model_args: ModelArguments) -> StableDiffusionPipeline:
         module.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def pipeline_folder_problem(directory: str | Path) -> str | None:
+    """Why a local pipeline folder would fail to load (no or unreadable model_index.json, a component's weights
+    not readable safetensors), or None; a Hub id is not checked. Read from the files' headers only, so a broken
+    model is reported in one line before the loading bars start."""
+    root = Path(directory)
+    if not root.is_dir():
+        return None
+    index = root / "model_index.json"
+    try:
+        components = json.loads(index.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "no model_index.json in that folder (not a diffusers pipeline)"
+    except (OSError, ValueError) as err:
+        return f"model_index.json does not parse ({first_line(err)})"
+    if not isinstance(components, dict):
+        return "model_index.json is not a JSON object"
+    for name, spec in components.items():
+        if name.startswith("_") or not (root / name).is_dir() or not isinstance(spec, list) or None in spec:
+            continue
+        for weights in sorted((root / name).glob("*.safetensors")):
+            try:
+                with safe_open(str(weights), "pt"):
+                    pass
+            except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+                return f"{name}/{weights.name} is not a readable safetensors file ({first_line(err)})"
+    return None
 
 
 def add_lora(unet: torch.nn.Module, rank: int, alpha: float, target_modules: str | Sequence[str], seed: int) -> None:

@@ -23,6 +23,7 @@ import yaml
 from rl_safety.rewards import RewardError, RewardStack
 
 from .checkpoints import incomplete_reason, last_complete_checkpoint, remove_incomplete_checkpoints
+from .checks import check_output_folder
 from .command import load_error, run_command
 from .concept import check_concept_files, fill_target_concept
 from .model_config import ModelArguments
@@ -145,7 +146,11 @@ def resolve_resume(args: DiffusionTrainingConfig) -> str | None:
 
 
 def check_output_dir(args: DiffusionTrainingConfig, resume: str | None) -> None:
-    """Refuse to clobber a previous run unless asked to overwrite or resume."""
+    """A folder that can be written, holding no previous run unless asked to overwrite or resume."""
+    try:
+        check_output_folder(args.output_dir)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     if holds_previous_run(args.output_dir) and not (args.overwrite_output_dir or resume or continues_last(args)):
         raise ConfigError(
             f"output_dir={args.output_dir!r} holds a previous run; pass --overwrite_output_dir to replace it or "

@@ -1,12 +1,13 @@
 """Bad input → one line on stderr naming the field and what is valid, exit status 2, no traceback."""
 
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from rl_safety.cli import main
-from tests.conftest import REPO, recipe_args
+from tests.conftest import REPO, fill, recipe_args
 
 
 def run_cli(capsys, argv):
@@ -85,6 +86,18 @@ def recipe(tmp_path, tiny_sd_path, prompt_file):
         ({"resume_from_checkpoint": "nowhere"}, "resume_from_checkpoint='nowhere': not a checkpoint folder"),
         ({"resume_from_checkpoint": "last"}, "resume_from_checkpoint=last: "),
         ({"torch_dtype": "float8"}, "torch_dtype='float8': expected one of"),
+        ({"save_total_limit": -2}, "save_total_limit=-2: must be ≥ 1 or unset"),
+        ({"logging_steps": -1}, "logging_steps=-1"),
+        ({"max_grad_norm": -1}, "max_grad_norm=-1"),
+        ({"seed": -1}, "seed=-1: must be ≥ 0"),
+        ({"max_steps": 0}, "max_steps=0: must be ≥ 1, or -1 to train num_train_epochs"),
+        ({"dataloader_num_workers": -1}, "dataloader_num_workers=-1: must be ≥ 0"),
+        ({"lr_scheduler_type": "nosuch"}, "lr_scheduler_type='nosuch': must be one of linear, cosine"),
+        ({"warmup_steps": -3}, "warmup_steps = -3"),
+        ({"report_to": "nosuch"}, "report_to='nosuch': not a tracker; valid: none, all, azure_ml"),
+        ({"report_to": "kubeflow"}, "report_to='kubeflow': not installed here"),
+        ({"rewards": [{"name": "classifier", "args": 5}]}, "rewards[0].args=5: must be a mapping"),
+        ({"rewards": [{"name": 3}]}, "rewards[0].name=3: must be a reward name"),
     ],
 )
 def test_bad_recipe(capsys, recipe, fields, expected):
@@ -139,6 +152,35 @@ def test_bad_prompt_files(capsys, recipe, tmp_path, name, content, expected):
     assert f"train_prompts: {str(path)!r}" in err or "train_prompts: [" in err, err
     assert expected in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        ({"output_dir": "{tmp}/a_file"}, "output_dir='{tmp}/a_file': is a file, not a folder"),
+        ({"output_dir": "{tmp}/a_file/run"}, "'{tmp}/a_file' is a file, so the folder cannot be created"),
+        ({"train_prompts": ["{tmp}/binary.txt"]}, "prompt file '{tmp}/binary.txt' is not UTF-8 text"),
+        (
+            {"eval_config": "{tmp}/broken.yaml"},
+            "eval_config='{tmp}/broken.yaml': --config {tmp}/broken.yaml: not valid",
+        ),
+        ({"pretrained_model_name_or_path": "{tmp}/empty_folder"}, "no model_index.json in that folder"),
+        ({"pretrained_model_name_or_path": "{tmp}/broken_model"}, "unet/diffusion_pytorch_model.safetensors is not a"),
+    ],
+)
+def test_bad_files_in_a_recipe(capsys, recipe, bad_files, tiny_sd_path, fields, expected):
+    broken = bad_files / "broken_model"  # a copy of the tiny pipeline with its UNet weights cut short
+    shutil.copytree(tiny_sd_path, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4000])
+    fields = {
+        key: fill(value, bad_files) if isinstance(value, list) else fill([value], bad_files)[0]
+        for key, value in fields.items()
+    }
+    code, err = run_cli(capsys, ["train", "--config", recipe(**fields)])
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert expected.format(tmp=bad_files) in err, err
+    assert not (bad_files / "out").exists()
 
 
 def test_a_half_written_checkpoint_is_refused_by_name(capsys, recipe, tmp_path):

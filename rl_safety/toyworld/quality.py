@@ -11,12 +11,16 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+from ..pipelines import pipeline_folder_problem
 from . import ASSETS
 from .classifier import colour_from_pixels, load_classifier
 from .data import COLOURS, LABELS, SHAPES, named_attributes
 
 
 def load_toy_pipeline(path: str | Path = ASSETS / "pipeline") -> StableDiffusionPipeline:
+    problem = pipeline_folder_problem(path)
+    if problem:
+        raise OSError(problem)
     pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import TrainingArguments
+from transformers import SchedulerType, TrainingArguments
 
 from ..hub import check_repo_id
 
@@ -129,6 +129,10 @@ class DiffusionTrainingConfig(TrainingArguments):
     needs_rewards = True
 
     def __post_init__(self):
+        schedulers = [kind.value for kind in SchedulerType]
+        if str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)) not in schedulers:
+            # transformers' own message does not name the field
+            raise ValueError(f"lr_scheduler_type={self.lr_scheduler_type!r}: must be one of {', '.join(schedulers)}")
         super().__post_init__()
         if str(self.eval_config).lower() in ("", "none", "null"):
             self.eval_config = None  # `--eval_config none` skips a recipe's evaluation
@@ -150,6 +154,13 @@ class DiffusionTrainingConfig(TrainingArguments):
             (0 <= self.adam_beta2 < 1, "adam_beta2", "must be in [0, 1)"),
             (self.adam_epsilon >= 0, "adam_epsilon", "must be ≥ 0"),
             (self.save_steps > 0, "save_steps", "must be > 0 (a fraction of the run, or a step count)"),
+            (self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit", "must be ≥ 1 or unset"),
+            (self.logging_steps > 0, "logging_steps", "must be > 0 (a fraction of the run, or a step count)"),
+            (self.max_grad_norm >= 0, "max_grad_norm", "must be ≥ 0 (0: no clipping)"),
+            (self.seed >= 0, "seed", "must be ≥ 0"),
+            (self.max_steps == -1 or self.max_steps >= 1, "max_steps", "must be ≥ 1, or -1 to train num_train_epochs"),
+            (self.max_steps >= 1 or self.num_train_epochs > 0, "num_train_epochs", "must be > 0 when max_steps is -1"),
+            (self.dataloader_num_workers >= 0, "dataloader_num_workers", "must be ≥ 0"),
             (self.resolution is None or self.resolution >= 8, "resolution", "must be ≥ 8 (or unset: the model's own)"),
             (self.resolution is None or self.resolution % 8 == 0, "resolution", "must be a multiple of 8"),
             (self.sample_batch_size is None or self.sample_batch_size >= 1, "sample_batch_size", "must be ≥ 1"),
@@ -161,6 +172,7 @@ class DiffusionTrainingConfig(TrainingArguments):
             (0 <= self.adv_share <= 1, "adv_share", "must be in [0, 1]"),
             (self.adv_num_concept_images >= 1, "adv_num_concept_images", "must be ≥ 1"),
         )
+        check_trackers(self.report_to)
         if self.pgd_step_size is None:
             self.pgd_step_size = self.adv_epsilon / 4
         self.check((self.pgd_step_size > 0, "pgd_step_size", "must be > 0"))
@@ -180,3 +192,18 @@ class DiffusionTrainingConfig(TrainingArguments):
         for ok, name, rule in rules:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r}: {rule}")
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """Every tracker is one transformers knows and is installed here; found now, not when the Trainer is built."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    for name in report_to:
+        if name not in INTEGRATION_TO_CALLBACK:
+            valid = ", ".join(["none", "all", *INTEGRATION_TO_CALLBACK])
+            raise ValueError(f"report_to={name!r}: not a tracker; valid: {valid}")
+        if name not in get_available_reporting_integrations():
+            raise ValueError(f"report_to={name!r}: not installed here (pip install {name.replace('_', '-')})")

@@ -146,7 +146,9 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(runs, name, capsys)
     if torn_step is not None:  # on disk, but never trusted
         assert incomplete_reason(run / f"checkpoint-{torn_step}") is not None
 
-    assert main([*argv(runs["data"], run), *RESUME]) == 0
+    # One run names its checkpoint; the others continue from `last`.
+    resume = [RESUME[0], str(run / f"checkpoint-{last_step}")] if name == "between_checkpoints" else RESUME
+    assert main([*argv(runs["data"], run), *resume]) == 0
     out = capsys.readouterr().out
     assert f"resuming from {run / f'checkpoint-{last_step}'} (step {last_step} of 15)" in out
     resumed, straight = result(run), runs["straight"]
@@ -156,6 +158,21 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(runs, name, capsys)
     assert resumed["metrics"] == straight["metrics"]  # metrics.jsonl reads as one uninterrupted run
     assert resumed["report"] == straight["report"] and resumed["config"] == straight["config"]
     assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in (runs["root"] / "straight").iterdir())
+
+
+def test_last_without_a_complete_checkpoint_starts_again(runs, capsys):
+    """Killed before its first checkpoint was marked complete: `last` starts from step 0, and clears the remains."""
+    run = runs["root"] / "killed_early"
+    (run / "checkpoint-3").mkdir(parents=True)
+    (run / "checkpoint-3" / "model.safetensors").write_bytes(b"torn")
+    (run / "config.yaml").write_text("method: dyart\n")
+    (run / "metrics.jsonl").write_text('{"step": 2, "loss": 0.5}\n{"step": 3, "lo')  # a torn last line
+    assert main([*argv(runs["data"], run), *RESUME]) == 0
+    assert f"no complete checkpoint in {run}; training starts from step 0" in capsys.readouterr().out
+    resumed, straight = result(run), runs["straight"]
+    assert all(resumed["weights"][k].equal(v) for k, v in straight["weights"].items())
+    assert resumed["metrics"] == straight["metrics"] and resumed["report"] == straight["report"]
+    assert not list(run.glob("checkpoint-*"))
 
 
 def test_a_checkpoint_continues_only_its_own_settings(runs, capsys):

@@ -169,6 +169,7 @@ def holds_run(output_dir: Path) -> bool:
 
 
 def continues_last(config: ClassifierConfig) -> bool:
+    """`resume_from_checkpoint: last` (or `true`, as transformers spells it)."""
     return str(config.resume_from_checkpoint).lower() in ("last", "true")
 
 

@@ -128,7 +128,7 @@ def test_autoattack_from_torchattacks_on_a_tiny_model(npz, tmp_path, capsys):
             ["--method", "dyart", "--burn_in_epochs", "3", "--num_train_epochs", "2"],
             "burn_in_epochs=3 leaves no DyART",
         ),
-        (["--data", "/nonexistent/x.npz"], "data: /nonexistent/x.npz: no such .npz file"),
+        (["--data", "/nonexistent/x.npz"], "data='/nonexistent/x.npz': no such .npz file"),
         (["--architecture", "toyworld"], "architecture=toyworld has colour and shape heads"),
         (["--learning_rat", "1"], "did you mean 'learning_rate'"),
     ],

@@ -2,13 +2,16 @@
 evaluate it with torchattacks, and save a checkpoint the `classifier` reward loads as it is.
 
 accelerate launch -m rl_safety.classifiers.cli --config recipes/dyart/cifar10.yaml   # several processes / GPUs
+
+Every input (fields, data, architecture, initial weights, output folder, the checkpoint to resume) is checked before
+the output folder is touched. A run killed at any point continues with `--resume_from_checkpoint last`
+(`checkpoint.py`); one killed during its evaluation does not train again.
 """
 
 from __future__ import annotations
 
 import json
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,12 +21,21 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import save_file
 
-from ..command import run_command
-from ..outputs import CONFIG_NAME, METRICS_NAME, atomic_write_text, holds_previous_run, write_resolved_config
+from ..checks import check_output_folder
+from ..command import loading, run_command
+from ..outputs import CONFIG_NAME, atomic_write, atomic_write_text, write_resolved_config
 from ..recipe_parser import ConfigError, RecipeParser
 from ..resources import resolve_path, tried
+from .checkpoint import (
+    check_compatible,
+    prepare_output_dir,
+    read_checkpoint,
+    remove_checkpoints,
+    resolve_resume,
+    trained_with,
+)
 from .config import ClassifierConfig
-from .data import DataError, ImageData, load_data
+from .data import ImageData, load_data
 from .evaluate import autoattack_name, evaluate_robustness, write_reports
 from .models import PATHS, architecture_args, build_model
 from .trainer import ClassifierTrainer
@@ -40,6 +52,20 @@ def parse_args(argv: list[str] | None = None) -> ClassifierConfig:
     # One recipe serves every method: `--method pgd_at` also moves output_dir when it names {method}.
     config.output_dir = config.output_dir.replace("{method}", config.method)
     return config
+
+
+def check_architecture(model: torch.nn.Module, config: ClassifierConfig, data: ImageData) -> None:
+    """One image through the model (eval mode: no statistics change), so a misfit is an error now, not a traceback
+    after the output folder was written."""
+    try:
+        with torch.no_grad():
+            model.eval()(data.train.x[:1].float().div(255))
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(
+            f"architecture={config.architecture!r} cannot run on {tuple(data.train.x.shape[1:])} images "
+            f"({' '.join(str(err).split())[:160]}); set image_size or pick another architecture"
+        ) from err
+    model.train()
 
 
 def check_data(config: ClassifierConfig, data: ImageData) -> None:
@@ -61,9 +87,11 @@ def load_initial_weights(model: torch.nn.Module, checkpoint: str) -> None:
     path = path / CHECKPOINT_NAME if path.is_dir() else path
     if not path.is_file():
         raise ConfigError(f"init_checkpoint={checkpoint!r}: no {CHECKPOINT_NAME} there{tried(checkpoint)}")
+    with loading("init_checkpoint", checkpoint):
+        state = load_file(str(path))
     try:
-        model.load_state_dict(load_file(str(path)))
-    except Exception as err:  # safetensors and load_state_dict fail their own ways: one line either way
+        model.load_state_dict(state)
+    except RuntimeError as err:
         raise ConfigError(
             f"init_checkpoint={checkpoint!r} does not fit the architecture ({' '.join(str(err).split())[:200]})"
         ) from err
@@ -78,9 +106,7 @@ def save_checkpoint(
     output_dir = Path(config.output_dir)
     if report is None:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        tmp = output_dir / f".{CHECKPOINT_NAME}.tmp"
-        save_file(state, str(tmp))
-        tmp.replace(output_dir / CHECKPOINT_NAME)
+        atomic_write(output_dir / CHECKPOINT_NAME, lambda tmp: save_file(state, tmp))
     meta = {"architecture": PATHS[config.architecture], "architecture_args": args}
     if len(data.heads) > 1:
         meta.update({f"{head}_names": names for head, names in data.class_names.items()})
@@ -97,31 +123,55 @@ def save_checkpoint(
     atomic_write_text(output_dir / "config.json", json.dumps(meta, indent=2) + "\n")
 
 
+def check_inputs(config: ClassifierConfig) -> tuple[Path | None, ImageData]:
+    """The output folder, the checkpoint to resume, the data and its heads: checked before anything is written."""
+    try:
+        check_output_folder(config.output_dir)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    resume = resolve_resume(config)
+    data = load_data(
+        config.data,
+        config.eval_data,
+        config.eval_split,
+        config.image_size,
+        config.seed,
+        config.image_column,
+        config.label_column,
+    )
+    check_data(config, data)
+    heads = [str(h) for h in data.heads]
+    if config.dyart_heads is not None and not set(config.dyart_heads) <= set(heads):
+        if data.heads == [None]:
+            raise ConfigError(f"dyart_heads={config.dyart_heads}: data={config.data!r} has one head; leave it unset")
+        raise ConfigError(f"dyart_heads={config.dyart_heads}: the model's heads are {heads}")
+    return resume, data
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     output_dir = Path(config.output_dir)
-    if holds_previous_run(output_dir) and not config.overwrite_output_dir:
-        raise ConfigError(
-            f"output_dir={str(output_dir)!r} holds a previous run; pass --overwrite_output_dir to replace it"
-        )
-    try:
-        data = load_data(config.data, config.eval_data, config.eval_split, config.image_size, config.seed)
-    except DataError as err:
-        raise ConfigError(f"data: {str(err).splitlines()[0]}") from err
-    check_data(config, data)
-    if config.dyart_heads is not None and not set(config.dyart_heads) <= {str(h) for h in data.heads}:
-        raise ConfigError(f"dyart_heads={config.dyart_heads}: the model's heads are {[str(h) for h in data.heads]}")
+    resume, data = check_inputs(config)
     accelerator = Accelerator()
     set_seed(config.seed)
     num_classes = len(data.class_names[data.heads[0]])
     args = architecture_args(config.architecture, num_classes, data.channels, config.width, None, None)
     model = build_model(config.architecture, args)
+    check_architecture(model, config, data)
     if config.init_checkpoint:
         load_initial_weights(model, config.init_checkpoint)
+    trainer = ClassifierTrainer(model, config, data, accelerator)
+    trainer.trained_with = trained_with(
+        config, accelerator.num_processes, len(data.train.y), list(data.train.x.shape[1:])
+    )
+    if resume is not None:
+        parts = read_checkpoint(resume)
+        check_compatible(resume, parts["state"].get("trained_with", {}), trainer.trained_with)
+        trainer.restore(parts, resume)
+    accelerator.wait_for_everyone()  # every process has read its checkpoint before the main one tidies output_dir
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / METRICS_NAME).unlink(missing_ok=True)
-        shutil.rmtree(output_dir / "images", ignore_errors=True)
+        # Only now, with every input checked, is output_dir written to.
+        prepare_output_dir(output_dir, resume, trainer.log_history)
         runtime = {
             "world_size": accelerator.num_processes,
             "device": str(accelerator.device),
@@ -136,10 +186,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{PROG}: {config.method} on {len(data.train.y)} images {tuple(data.train.x.shape[1:])}, "
             f"{accelerator.num_processes} process(es), {accelerator.device} -> {output_dir}"
         )
-    start = time.perf_counter()
-    trainer = ClassifierTrainer(model, config, data, accelerator)
+        if resume is not None:
+            print(f"{PROG}: resuming from {resume} (step {trainer.global_step} of {trainer.total_steps})")
+        elif config.resume_from_checkpoint:
+            print(f"{PROG}: no complete checkpoint in {output_dir}; training starts from step 0")
+    accelerator.wait_for_everyone()
     averaged = trainer.train()
-    train_seconds = time.perf_counter() - start
+    train_seconds = trainer.train_seconds
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         import torchattacks
@@ -173,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             "eval_seconds": round(time.perf_counter() - start, 1),
         }
         save_checkpoint(averaged, config, data, args, report)
-        write_reports(output_dir, report)
+        write_reports(output_dir, report)  # report.json last: it marks the run finished
+        remove_checkpoints(output_dir)
         aa = report["autoattack_accuracy"]
         print(
             f"clean {report['clean_accuracy']:.4f}  PGD {report['pgd_accuracy']:.4f}  AutoAttack "
@@ -184,9 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+RESUME_HINT = "add --resume_from_checkpoint last to the same command to continue from the last complete checkpoint"
+
+
 def cli(argv: list[str] | None = None) -> int:
     """`rl-safety classifier`: bad input is one line on stderr and exit status 2 (see `command.py`)."""
-    return run_command(PROG, main, argv)
+    return run_command(PROG, main, argv, resume_hint=RESUME_HINT)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 
 from .models import ARCHITECTURES
 
@@ -29,6 +30,17 @@ class ClassifierConfig:
         metadata={
             "help": "Evaluation images, same forms as data. Default: the data set's test split if it has one, else "
             "eval_split of data held out."
+        },
+    )
+    image_column: str | None = field(
+        default=None,
+        metadata={"help": "`datasets` data only: the image column. Default: the first Image column (or image, img)."},
+    )
+    label_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "`datasets` data only: the integer label column. Default: the first ClassLabel column (or label, "
+            "labels, fine_label)."
         },
     )
     eval_split: float = field(
@@ -121,26 +133,68 @@ class ClassifierConfig:
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow replacing an output_dir that already holds a run."}
     )
+    save_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Write a checkpoint (output_dir/checkpoint-STEP) every N steps; null: at the end of every epoch. "
+            "The last step is always saved, so a run killed during its evaluation does not train again."
+        },
+    )
+    save_total_limit: int | None = field(
+        default=1,
+        metadata={
+            "help": "Complete checkpoints kept (older ones are deleted once a newer one is complete); null keeps "
+            "all. A finished run deletes its checkpoints: its results are model.safetensors and the reports."
+        },
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Continue an interrupted run: `last` (the newest complete checkpoint in output_dir) or a "
+            "checkpoint folder. The other settings must be those the checkpoint was trained with."
+        },
+    )
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: expected one of {', '.join(METHODS)}")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture={self.architecture!r}: expected one of {', '.join(ARCHITECTURES)}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name}={value!r}: expected a finite number")
+        optional = lambda name, ok: getattr(self, name) is None or ok(getattr(self, name))  # noqa: E731
         checks = [
             ("epsilon", 0 < self.epsilon < 1, "in (0, 1), e.g. 0.0314 for 8/255"),
             ("num_train_epochs", self.num_train_epochs >= 1, ">= 1"),
             ("per_device_train_batch_size", self.per_device_train_batch_size >= 1, ">= 1"),
             ("learning_rate", self.learning_rate > 0, "> 0"),
+            ("momentum", 0 < self.momentum < 1, "in (0, 1) (SGD with Nesterov momentum needs one)"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("eval_split", 0 < self.eval_split < 1, "in (0, 1)"),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"),
             ("burn_in_epochs", self.burn_in_epochs >= 0, ">= 0"),
             ("dyart_beta", self.dyart_beta > 0, "> 0"),
             ("dyart_lambda", self.dyart_lambda >= 0, ">= 0"),
+            ("dyart_r0", optional("dyart_r0", lambda v: v > 0), "> 0, or null for 2·epsilon"),
+            ("dyart_alpha", optional("dyart_alpha", lambda v: v >= 0), ">= 0, or null for 3·(8/255)/epsilon"),
+            ("dyart_start_radius", optional("dyart_start_radius", lambda v: 0 <= v < 1), "in [0, 1), or null"),
             ("dyart_search_steps", self.dyart_search_steps >= 1, ">= 1"),
+            ("dyart_overshoot", self.dyart_overshoot >= 1, ">= 1 (each search step goes past the boundary)"),
+            ("dyart_min_phi", self.dyart_min_phi < 0, "< 0 (found points have φ < 0: a value >= 0 keeps none)"),
             ("pgd_steps", self.pgd_steps >= 1, ">= 1"),
+            ("pgd_step_size", optional("pgd_step_size", lambda v: 0 < v < 1), "in (0, 1), or null for epsilon/4"),
+            ("trades_beta", self.trades_beta >= 0, ">= 0"),
+            ("width", optional("width", lambda v: v >= 1), ">= 1, or null for the architecture's default"),
+            ("image_size", optional("image_size", lambda v: v >= 1), ">= 1 pixels, or null to keep the size"),
+            ("eval_samples", optional("eval_samples", lambda v: v >= 1), ">= 1, or null for the whole eval set"),
             ("eval_pgd_steps", self.eval_pgd_steps >= 1, ">= 1"),
+            ("eval_batch_size", self.eval_batch_size >= 1, ">= 1"),
+            ("seed", 0 <= self.seed < 2**32, "in [0, 2**32)"),
             ("logging_steps", self.logging_steps >= 1, ">= 1"),
+            ("save_steps", optional("save_steps", lambda v: v >= 1), ">= 1, or null to save every epoch"),
+            ("save_total_limit", optional("save_total_limit", lambda v: v >= 1), ">= 1, or null to keep all"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -152,14 +206,19 @@ class ClassifierConfig:
             )
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm}: expected > 0, or null to disable clipping")
-        if self.eval_samples is not None and self.eval_samples < 1:
-            raise ValueError(f"eval_samples={self.eval_samples}: expected >= 1, or null for the whole eval set")
+        if self.dyart_heads is not None and not self.dyart_heads:
+            raise ValueError("dyart_heads=[]: name at least one head (e.g. [colour]), or leave it unset for all")
         if self.eval_epsilons is not None and not all(0 < e < 1 for e in self.eval_epsilons):
             raise ValueError(f"eval_epsilons={self.eval_epsilons}: each must be in (0, 1)")
         if self.autoattack_epsilons is not None and not all(0 < e < 1 for e in self.autoattack_epsilons):
             raise ValueError(f"autoattack_epsilons={self.autoattack_epsilons}: each must be in (0, 1)")
-        if self.image_size is not None and self.image_size < 1:
-            raise ValueError(f"image_size={self.image_size}: expected a positive size")
+        if self.autoattack_epsilons and not self.autoattack:
+            raise ValueError(
+                f"autoattack_epsilons={self.autoattack_epsilons} with autoattack=false: AutoAttack would not run; "
+                "set --autoattack true or drop autoattack_epsilons"
+            )
+        if not self.output_dir:
+            raise ValueError("output_dir='': name the folder for the checkpoint and reports")
 
     # Distances follow epsilon unless set (the paper pairs r0 = 16/255, start 4/255, α = 3 with epsilon = 8/255).
     @property

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..outputs import atomic_write_text
+from ..outputs import atomic_write, atomic_write_text
 from .models import HeadSelect
 
 
@@ -177,12 +177,12 @@ def plot_curve(report: Mapping, path: Path) -> None:
     ax.legend()
     ax.set_title(f"{report['method']} on {Path(str(report['data'])).name}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
 
 
 def write_reports(output_dir: Path, report: Mapping) -> None:
-    """report.json and report.html (metrics table + robust accuracy against ε) in `output_dir`, atomically."""
-    atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    """report.html (metrics table + robust accuracy against ε) and report.json in `output_dir`, atomically;
+    report.json last, so it is there only when the whole report is."""
     plot_curve(report, output_dir / "robust_accuracy.png")
     esc = html.escape
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
@@ -225,3 +225,4 @@ def write_reports(output_dir: Path, report: Mapping) -> None:
         f"<p>Settings: <code>{esc(json.dumps(report['attacks']))}</code></p>",
     ]
     atomic_write_text(output_dir / "report.html", "\n".join(parts) + "\n")
+    atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2) + "\n")

@@ -8,12 +8,17 @@ Logged metrics (metrics.jsonl, every `logging_steps`): `loss`, `ce`, `grad_norm`
 adds `margin_loss` (the mean of −w·φ(x̂) before λ), `frac_boundary` (share of the batch whose boundary point passed
 the success and closest-point filters), `frac_success`, `radius_mean` (mean ‖x̂ − x‖∞ of the kept points, in
 1/255), `phi_boundary_mean`; TRADES adds `kl`. After each epoch: `eval_clean_accuracy` of the averaged weights.
+
+Checkpoints (`checkpoint.py`) every `save_steps` steps, or after every epoch, and after the last step. A resumed run
+restores them and skips the batches of the current epoch the checkpoint had trained on (the epoch's shuffle comes
+from the restored generator), so it ends with the weights, and the metrics, of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -23,8 +28,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from ..command import loading
 from ..outputs import METRICS_NAME
 from .baselines import pgd_at_loss, pgd_attack, trades_loss
+from .checkpoint import restore_rng_states, rng_states, write_checkpoint
 from .config import ClassifierConfig
 from .data import ImageData
 from .dyart import closest_boundary_point, closest_point_filter, dyart_loss, margin_and_input_gradient, margin_weights
@@ -42,9 +49,12 @@ class ClassifierTrainer:
     def __init__(self, model: torch.nn.Module, config: ClassifierConfig, data: ImageData, accelerator: Accelerator):
         self.config, self.data, self.accelerator = config, data, accelerator
         self.heads = data.heads
-        generator = torch.Generator().manual_seed(config.seed)
+        # Each epoch's shuffle is drawn from this generator when the epoch starts: a checkpoint keeps its state then.
+        self.shuffle_generator = torch.Generator().manual_seed(config.seed)
         dataset = TensorDataset(data.train.x, data.train.y)
-        loader = DataLoader(dataset, batch_size=config.per_device_train_batch_size, shuffle=True, generator=generator)
+        loader = DataLoader(
+            dataset, batch_size=config.per_device_train_batch_size, shuffle=True, generator=self.shuffle_generator
+        )
         optimizer = torch.optim.SGD(
             model.parameters(),
             lr=config.learning_rate,
@@ -66,8 +76,21 @@ class ClassifierTrainer:
             # use_buffers: batch-norm statistics are averaged too, so the averaged model is usable as it is.
             self.ema = AveragedModel(self.raw, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
         self.search_generator = torch.Generator().manual_seed(config.seed + 1)
-        self.metrics_file = Path(config.output_dir) / METRICS_NAME
-        self.global_step = 0
+        self.output_dir = Path(config.output_dir)
+        self.metrics_file = self.output_dir / METRICS_NAME
+        # Where the loop stands: the epoch, the batches of it already trained on, and the shuffle state it began with.
+        self.global_step, self.epoch, self.batches_done = 0, 0, 0
+        self.epoch_shuffle_state = self.shuffle_generator.get_state()
+        self.stats: dict[str, list[float]] = {}  # the current logging window
+        self.log_history: list[dict] = []
+        self.trained_with: dict = {}  # the settings a checkpoint records (`checkpoint.trained_with`)
+        self.seconds_before = 0.0  # training time of the attempts before a resume
+        self.started = time.perf_counter()
+
+    @property
+    def train_seconds(self) -> float:
+        """Training time so far, over every attempt of this run."""
+        return self.seconds_before + time.perf_counter() - self.started
 
     # -- the methods' losses ------------------------------------------------------------------------------------
     def _dyart(self, x: torch.Tensor, y: torch.Tensor, stats: dict) -> torch.Tensor:
@@ -168,9 +191,56 @@ class ClassifierTrainer:
             return self._adversarial(x, y, stats)
         return self._clean(x, y, stats)
 
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def checkpoint_parts(self) -> dict:
+        """Everything `write_checkpoint` saves. Every process holds the same weights, optimizer and generators (they
+        start from the same seeds and draw alike), so the main process's copy serves them all."""
+        return {
+            "model": self.raw.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_states({"search": self.search_generator}) | {"generator_shuffle": self.epoch_shuffle_state},
+            "state": {
+                "global_step": self.global_step,
+                "epoch": self.epoch,
+                "batches_done": self.batches_done,
+                "stats": self.stats,
+                "log_history": self.log_history,
+                "trained_with": self.trained_with,
+                "train_seconds": self.train_seconds,
+            },
+        }
+
+    def restore(self, parts: dict, folder: Path) -> None:
+        """Continue from a checkpoint's `parts` (see `checkpoint.read_checkpoint`)."""
+        with loading("resume_from_checkpoint", str(folder)):
+            self.raw.load_state_dict(parts["model"])
+            if self.ema is not None:
+                if parts["ema"] is None:
+                    raise ValueError("it holds no weight average (ema.safetensors) to continue")
+                self.ema.load_state_dict(parts["ema"])
+            self.optimizer.load_state_dict(parts["optimizer"])
+            self.scheduler.load_state_dict(parts["scheduler"])
+            restore_rng_states(parts["rng"], {"search": self.search_generator})
+            self.epoch_shuffle_state = parts["rng"]["generator_shuffle"]
+            state = parts["state"]
+            self.global_step, self.epoch = state["global_step"], state["epoch"]
+            self.batches_done = state["batches_done"]
+            self.stats, self.log_history = state["stats"], state["log_history"]
+            self.seconds_before = state["train_seconds"]
+
+    def save(self) -> None:
+        """A complete checkpoint of this step (main process writes, every process waits for it)."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            write_checkpoint(self.output_dir, self.global_step, self.checkpoint_parts(), self.config.save_total_limit)
+        self.accelerator.wait_for_everyone()
+
     # -- the loop ---------------------------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
-        """Append one JSON line to metrics.jsonl (main process only)."""
+        """Append one JSON line to metrics.jsonl (main process only); checkpoints keep the lines logged so far."""
+        self.log_history.append(record)
         if self.accelerator.is_main_process:
             with open(self.metrics_file, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
@@ -179,43 +249,67 @@ class ClassifierTrainer:
         """The weight-averaged model (the trained one when ema_decay is 0), in eval mode."""
         return (self.ema.module if self.ema is not None else self.raw).eval()
 
-    def train(self) -> torch.nn.Module:
+    def _step(self, xb: torch.Tensor, yb: torch.Tensor) -> dict | None:
+        """One optimizer step; returns the metrics record when this step logs one."""
         c = self.config
+        loss = self._compute_loss(xb.float().div(255), yb, self.epoch, self.stats)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        grad_norm = None
+        if c.max_grad_norm is not None:
+            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.raw)
+        self.global_step += 1
+        self.stats.setdefault("loss", []).append(loss.item())
+        if grad_norm is not None:
+            self.stats.setdefault("grad_norm", []).append(float(grad_norm))
+        if self.global_step % c.logging_steps == 0:
+            record = {k: sum(v) / len(v) for k, v in self.stats.items()}
+            record.update(step=self.global_step, epoch=self.epoch + 1, learning_rate=self.scheduler.get_last_lr()[0])
+            self.log(record)
+            self.stats = {}
+            return record
+        return None
+
+    def train(self) -> torch.nn.Module:
+        """Train from where the loop stands (step 0, or a restored checkpoint) to the last epoch."""
+        c = self.config
+        self.started = time.perf_counter()
         eval_x = self.data.eval.x[: c.eval_samples or None].float().div(255).to(self.accelerator.device)
         eval_y = self.data.eval.y[: c.eval_samples or None].to(self.accelerator.device)
-        progress = tqdm(total=self.total_steps, desc=c.method, disable=not self.accelerator.is_main_process)
-        for epoch in range(c.num_train_epochs):
-            stats: dict[str, list[float]] = {}
-            for xb, yb in self.loader:
-                x = xb.float().div(255)
-                loss = self._compute_loss(x, yb, epoch, stats)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.accelerator.backward(loss)
-                grad_norm = None
-                if c.max_grad_norm is not None:
-                    grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                if self.ema is not None:
-                    self.ema.update_parameters(self.raw)
-                self.global_step += 1
-                stats.setdefault("loss", []).append(loss.item())
-                if grad_norm is not None:
-                    stats.setdefault("grad_norm", []).append(float(grad_norm))
+        progress = tqdm(
+            total=self.total_steps,
+            initial=self.global_step,
+            desc=c.method,
+            disable=not self.accelerator.is_main_process,
+        )
+        while self.epoch < c.num_train_epochs:
+            self.shuffle_generator.set_state(self.epoch_shuffle_state)
+            last_batch = len(self.loader) - 1
+            for index, (xb, yb) in enumerate(self.loader):
+                if index < self.batches_done:
+                    continue  # trained on before the checkpoint this run resumed from
+                record = self._step(xb, yb)
+                self.batches_done = index + 1
                 progress.update()
-                if self.global_step % c.logging_steps == 0:
-                    record = {k: sum(v) / len(v) for k, v in stats.items()}
-                    record.update(
-                        step=self.global_step, epoch=epoch + 1, learning_rate=self.scheduler.get_last_lr()[0]
-                    )
-                    self.log(record)
+                if record is not None:
                     progress.set_postfix(loss=f"{record['loss']:.3f}")
-                    stats = {}
+                # A checkpoint due on an epoch's last batch waits for the epoch's evaluation below.
+                if c.save_steps and self.global_step % c.save_steps == 0 and index < last_batch:
+                    self.save()
             if self.accelerator.is_main_process:
                 clean = 0.0
                 for index, head in enumerate(self.heads):
                     labels = eval_y if eval_y.dim() == 1 else eval_y[:, index]
                     clean += accuracy(HeadSelect(self.averaged(), head), eval_x, labels) / len(self.heads)
-                self.log({"step": self.global_step, "epoch": epoch + 1, "eval_clean_accuracy": clean})
+                self.log({"step": self.global_step, "epoch": self.epoch + 1, "eval_clean_accuracy": clean})
+            self.epoch, self.batches_done = self.epoch + 1, 0
+            self.epoch_shuffle_state = self.shuffle_generator.get_state()
+            last = self.epoch == c.num_train_epochs
+            if last or not c.save_steps or self.global_step % c.save_steps == 0:
+                self.save()
         progress.close()
         return self.averaged()

@@ -93,7 +93,9 @@ def load_classifier(
             "tensors; save model.state_dict() (safetensors preferred)"
         ) from err
     except Exception as err:  # each format fails its own way (SafetensorError, zip errors, ...): report them alike
-        raise RewardError(f"checkpoint={str(checkpoint)!r}: cannot read ({_one_line(err)})") from err
+        kind = "safetensors" if path.suffix == ".safetensors" else "torch.load"
+        problem = f"cannot read with {kind} ({type(err).__name__}: {_one_line(err)})"
+        raise RewardError(f"checkpoint={str(checkpoint)!r}: {problem}") from err
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]  # Lightning-style checkpoints nest the weights
     try:

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 HUB_REPO = "THUDM/ImageReward"
 CHECKPOINT_FILE = "ImageReward.pt"
 MED_CONFIG_FILE = "med_config.json"
+LOCAL_SUFFIXES = (".pt", ".pth", ".bin", ".json", ".safetensors", ".ckpt")  # names of files, never of Hub repos
 # The released head's output statistics; the package reports (mlp - mean) / std.
 REWARD_MEAN = 0.16717362830052426
 REWARD_STD = 1.0333394966054072
@@ -56,6 +58,11 @@ _VISION_RENAMES = (
 )
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _resolve_file(location: str | os.PathLike, filename: str) -> str:
     """A local file, `filename` inside a local folder, or `filename` downloaded from the hub repo `location`."""
     path = Path(location).expanduser()
@@ -65,6 +72,10 @@ def _resolve_file(location: str | os.PathLike, filename: str) -> str:
         if (path / filename).is_file():
             return str(path / filename)
         raise FileNotFoundError(f"{filename} not found in folder {path}")
+    text = str(location)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or path.suffix.lower() in LOCAL_SUFFIXES:
+        # A path, not a Hub id ('owner/name'): say so instead of asking the Hub for it.
+        raise FileNotFoundError(f"no such file or folder {text!r} (a Hub repository is named 'owner/name')")
     from huggingface_hub import hf_hub_download
 
     return hf_hub_download(repo_id=str(location), filename=filename)
@@ -210,12 +221,22 @@ class ImageReward(Reward):
         vision_num_heads: int | None = None,
     ):
         super().__init__()
-        state_dict = torch.load(_resolve_file(checkpoint, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        file = _resolve_file(checkpoint, CHECKPOINT_FILE)
+        try:
+            state_dict = torch.load(file, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError) as err:
+            problem = f"not a readable torch checkpoint ({_first_line(err)})"
+            raise ValueError(f"checkpoint={str(checkpoint)!r}: {problem}") from err
         if med_config is None:
             med_config = _default_med_config(checkpoint)
         med = json.loads(Path(_resolve_file(med_config, MED_CONFIG_FILE)).read_text())
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"checkpoint={str(checkpoint)!r}: holds a {type(state_dict).__name__}, not a state dict")
         parts = split_checkpoint(state_dict)
-        vision_config = vision_config_from_weights(parts["vision"], vision_num_heads)
+        try:
+            vision_config = vision_config_from_weights(parts["vision"], vision_num_heads)
+        except KeyError as err:
+            raise ValueError(f"checkpoint={str(checkpoint)!r}: not an ImageReward checkpoint (no {err})") from err
         self.tokenizer = load_tokenizer(tokenizer)
         text_config = text_config_from_med(med, vision_config.hidden_size, self.tokenizer)
         if len(self.tokenizer) > text_config.vocab_size:
@@ -228,9 +249,12 @@ class ImageReward(Reward):
             self.vision = BlipVisionModel(vision_config)
             self.text = BlipTextModel(text_config, add_pooling_layer=False)
         self.head = RewardHead(text_config.hidden_size)
-        self.vision.load_state_dict(parts["vision"], strict=True)
-        self.text.load_state_dict(parts["text"], strict=True)
-        self.head.load_state_dict(parts["mlp"], strict=True)
+        try:
+            self.vision.load_state_dict(parts["vision"], strict=True)
+            self.text.load_state_dict(parts["text"], strict=True)
+            self.head.load_state_dict(parts["mlp"], strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"checkpoint={str(checkpoint)!r}: does not fit ImageReward ({_first_line(err)})") from err
         self.image_size = vision_config.image_size
         self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)

@@ -26,8 +26,8 @@ class JpegIncompressibility(Reward):
 
     def __init__(self, quality: int = 95):
         super().__init__()
-        if not 1 <= quality <= 100:
-            raise ValueError(f"quality={quality}: expected an integer in [1, 100]")
+        if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+            raise ValueError(f"quality={quality!r}: expected an integer in [1, 100]")
         self.quality = quality
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str], **context: Any) -> torch.Tensor:

@@ -52,3 +52,20 @@ def check_output_folder(value: str | Path, field: str = "output_dir") -> None:
         raise ValueError(f"{field}={str(value)!r}: {str(parent)!r} is a file, so the folder cannot be created")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{field}={str(value)!r}: {str(parent)!r} is not writable")
+
+
+MAX_SEED = 2**32 - 1  # numpy's limit; torch's is larger, and seeds derived from one (seed * k + step) stay in range
+
+
+def check_seed(value: int, field: str = "seed") -> None:
+    """One seed in [0, 2**32 - 1]."""
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{field}={value!r}: must be in [0, {MAX_SEED}]")
+
+
+def check_fields(values: object, *rules: tuple[bool, str, str]) -> None:
+    """Raise `ValueError("<field>=<value>: <rule>")` for the first rule that does not hold; `values` is a config or
+    an argparse namespace holding the fields."""
+    for ok, name, rule in rules:
+        if not ok:
+            raise ValueError(f"{name}={getattr(values, name)!r}: {rule}")

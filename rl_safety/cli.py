@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 USAGE = """usage: rl-safety <command> [args]
@@ -21,24 +20,59 @@ commands:
 `rl-safety <command> --help` describes each command."""
 
 
-def tiny_pipeline(argv: list[str]) -> int:
-    from .tiny_pipeline import save_tiny_pipeline
+def tiny_pipeline_main(argv: list[str] | None = None) -> int:
+    """`rl-safety tiny-pipeline OUTPUT_DIR`: every argument is checked before the pipeline is built."""
+    from pathlib import Path
 
-    parser = argparse.ArgumentParser(prog="rl-safety tiny-pipeline", description="Write a tiny random SD pipeline.")
+    from .checks import check_fields, check_output_folder, check_seed
+    from .command import ArgumentParser
+    from .errors import ConfigError
+
+    parser = ArgumentParser(prog="rl-safety tiny-pipeline", description="Write a tiny random SD pipeline.")
     parser.add_argument("output_dir", help="folder to create (must not exist unless --exist_ok)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed")
-    parser.add_argument("--resolution", type=int, default=32, help="native image size in pixels")
+    parser.add_argument("--resolution", type=int, default=32, help="native image size in pixels (a multiple of 8)")
     parser.add_argument("--exist_ok", action="store_true", help="succeed without writing if the folder exists")
     args = parser.parse_args(argv)
+    output_dir = Path(args.output_dir)
     try:
-        save_tiny_pipeline(args.output_dir, seed=args.seed, resolution=args.resolution)
-    except FileExistsError as err:
-        if args.exist_ok:
-            return 0
-        print(f"rl-safety tiny-pipeline: error: {err}", file=sys.stderr)
-        return 2
+        check_seed(args.seed)
+        check_fields(
+            args,
+            (args.resolution >= 8, "resolution", "must be ≥ 8"),
+            (args.resolution % 8 == 0, "resolution", "must be a multiple of 8 (the VAE and the UNet halve it)"),
+            (args.output_dir.strip() != "", "output_dir", "must name a folder"),
+        )
+        if not output_dir.is_dir():
+            check_output_folder(output_dir)  # not a file, and creatable here
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if output_dir.is_dir():
+        if not args.exist_ok:
+            raise ConfigError(
+                f"output_dir={args.output_dir!r}: exists; remove it, choose another folder, or pass --exist_ok to "
+                "keep it"
+            )
+        if not (output_dir / "model_index.json").is_file():
+            raise ConfigError(
+                f"output_dir={args.output_dir!r}: exists but is not a pipeline folder (no model_index.json); remove "
+                "it or choose another folder"
+            )
+        print(f"kept {args.output_dir}")
+        return 0
+
+    from .tiny_pipeline import save_tiny_pipeline
+
+    save_tiny_pipeline(output_dir, seed=args.seed, resolution=args.resolution)
     print(f"wrote {args.output_dir}")
     return 0
+
+
+def tiny_pipeline(argv: list[str] | None = None) -> int:
+    """`rl-safety tiny-pipeline`: bad input is one line on stderr and exit status 2 (see `command.py`)."""
+    from .command import run_command
+
+    return run_command("rl-safety tiny-pipeline", tiny_pipeline_main, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return score(rest)
     if command == "toyworld":
-        from .toyworld.cli import main as toyworld
+        from .toyworld.cli import cli as toyworld
 
         return toyworld(rest)
     if command == "tiny-pipeline":

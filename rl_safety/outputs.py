@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
@@ -67,6 +69,32 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """`atomic_write` of a UTF-8 text."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """A temporary folder beside `path` to write a whole result into (a model, a pipeline). When the block ends it
+    takes the place of `path` (an old folder there is moved aside, then removed); when the block fails it is removed.
+    So `path` holds the old result or the new one, never half of one, and a failed run leaves nothing a later run
+    could load. Its name starts with "." and ends in ".tmp"."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        # mkdtemp makes the folder private, and safetensors its files: results are for everyone to read.
+        for item in [tmp, *tmp.rglob("*")]:
+            item.chmod(item.stat().st_mode | (0o555 if item.is_dir() else 0o444))
+        if path.exists():  # a folder cannot be renamed over a non-empty one: move the old one aside first
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", suffix=".tmp", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def holds_previous_run(output_dir: str | Path) -> bool:

@@ -8,13 +8,14 @@ same `from_pretrained` path as a hub checkpoint. Tests, the benchmark and the sm
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .outputs import atomic_folder
 
 # SD 1.x scheduler settings (scaled-linear betas, "leading" spacing with offset 1).
 SD_SCHEDULER_CONFIG = dict(
@@ -117,8 +118,7 @@ def save_tiny_pipeline(output_dir: str | Path, seed: int = 0, resolution: int = 
     output_dir = Path(output_dir)
     if output_dir.exists():
         raise FileExistsError(f"{output_dir} exists; remove it or choose another --output_dir")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=output_dir.parent))
-    build_tiny_pipeline(seed=seed, resolution=resolution).save_pretrained(tmp, safe_serialization=True)
-    os.replace(tmp, output_dir)
+    pipe = build_tiny_pipeline(seed=seed, resolution=resolution)
+    with atomic_folder(output_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
     return output_dir

@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from rl_safety.errors import ConfigError
 from rl_safety.toyworld.data import HELD_OUT_SYNONYMS, make_dataset
 from rl_safety.toyworld.pretrain import (
     PretrainConfig,
@@ -108,8 +109,10 @@ def test_pretrain_saves_a_loadable_pipeline_and_resumes(tmp_path):
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
     assert all(f.suffix != ".bin" for f in (out / "pipeline").rglob("*"))  # safetensors only
 
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(ConfigError, match="holds a run .*; pass --resume to continue it"):
         main(args)
+    with pytest.raises(ConfigError, match=r"--resume: text_width=32 \(the run's: 16\)"):
+        main([*args, "--resume", "--text_width", "32"])
     main([*args, "--unet_steps", "4", "--resume"])  # the later flag wins: 2 more UNet steps
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     vae_steps = [m["step"] for m in steps if m["stage"] == "vae"]

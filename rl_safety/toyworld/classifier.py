@@ -9,8 +9,6 @@ classifier trained from another seed on other images.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..outputs import atomic_folder
 from .data import COLOURS, SHAPES, make_dataset
 
 PALETTE = torch.tensor(list(COLOURS.values()))
@@ -99,9 +98,9 @@ def evaluate(model: AttributeClassifier, data: dict) -> dict[str, float]:
 
 
 def save_classifier(model: AttributeClassifier, directory: str | Path, metrics: dict[str, float]) -> Path:
-    """`model.safetensors` + `config.json` (architecture path and args, label names, held-out accuracy)."""
+    """`model.safetensors` + `config.json` (architecture path and args, label names, held-out accuracy), written to
+    a temporary folder that replaces `directory` when complete."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     config = {
         "architecture": "rl_safety.toyworld.classifier:AttributeClassifier",
         "architecture_args": {"width": model.colour.in_features // 4},
@@ -109,11 +108,9 @@ def save_classifier(model: AttributeClassifier, directory: str | Path, metrics: 
         "shape_names": list(SHAPES),
         "held_out": metrics,
     }
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".safetensors")
-    os.close(fd)
-    save_file(model.state_dict(), tmp)
-    os.replace(tmp, directory / "model.safetensors")
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_folder(directory) as tmp:
+        save_file(model.state_dict(), str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
 
 

@@ -13,10 +13,7 @@ a positive (soft targets spread over the positives of each row). And single conc
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from rl_safety.outputs import atomic_folder
 from rl_safety.rewards.clip_models import OpenClipEncoder
 
 from . import ASSETS
@@ -201,20 +199,6 @@ def zero_shot_accuracy(model: CLIP, tokenizer: Any, data: dict) -> dict[str, flo
     return {name: round(ok.float().mean().item(), 4) for name, ok in accuracies.items()}
 
 
-def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    """`write(tmp)` to a temporary file beside `path`, then rename it into place: readers never see half a file.
-    The temporary name ends in `.tmp`, so open_clip's search for `*.safetensors` never picks up a leftover."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; a saved model is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_clip(
     model: CLIP,
     directory: str | Path,
@@ -223,18 +207,18 @@ def save_clip(
     model_cfg: dict[str, Any] = MODEL_CFG,
 ) -> Path:
     """open_clip's folder format (`open_clip_config.json` + `open_clip_model.safetensors`) and `metrics.json`
-    ({"held_out": metrics, "training": how it was trained})."""
+    ({"held_out": metrics, "training": how it was trained}), written to a temporary folder that replaces `directory`
+    when complete."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(directory / "open_clip_model.safetensors", lambda tmp: save_file(state, tmp))
     files = {
         "open_clip_config.json": {"model_cfg": model_cfg, "preprocess_cfg": PREPROCESS_CFG},
         "metrics.json": {"held_out": metrics, "training": training or {}},
     }
-    for name, content in files.items():
-        text = json.dumps(content, indent=2) + "\n"
-        _atomic_write(directory / name, lambda tmp, text=text: Path(tmp).write_text(text))
+    with atomic_folder(directory) as tmp:
+        save_file(state, str(tmp / "open_clip_model.safetensors"))
+        for name, content in files.items():
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
     return directory
 
 

@@ -19,10 +19,9 @@ import copy
 import json
 import math
 import os
+import pickle
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -35,6 +34,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from rl_safety.checks import check_fields, check_output_folder, check_seed
+from rl_safety.command import ArgumentParser, first_line, load_error, run_command
+from rl_safety.errors import ConfigError
+from rl_safety.outputs import atomic_folder, atomic_write_text
 from rl_safety.tiny_pipeline import SD_SCHEDULER_CONFIG, byte_level_alphabet
 from rl_safety.toyworld.data import (
     BACKGROUNDS,
@@ -49,6 +52,25 @@ from rl_safety.toyworld.data import (
 )
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# Every placeholder is one word and every toy word one token; plus the start and end tokens.
+LONGEST_CAPTION = max(len(template.split()) for template in TEMPLATES) + 2
+MULTIPLE_OF_8 = "each must be a positive multiple of 8 (GroupNorm with 8 groups)"
+# The fields that decide the networks' shapes: a resumed run must keep them, or its checkpoints do not load.
+ARCHITECTURE = (
+    "vae_channels",
+    "unet_channels",
+    "unet_attention_levels",
+    "unet_layers_per_block",
+    "unet_heads",
+    "text_width",
+    "text_layers",
+    "max_length",
+)
+PROG = "rl-safety toyworld pretrain"
+# What torch.load raises on a file it did not write: not a zip or pickle, truncated, or holding more than tensors.
+TORCH_LOAD_ERRORS = (OSError, RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError)
+# What a run leaves in output_dir (the rendered data cache aside, which is keyed by what made it).
+RUN_FILES = ("config.json", "metrics.jsonl", "vae_checkpoint.pt", "unet_checkpoint.pt", "latents.pt", "pipeline")
 # Real SD checkpoints name the text encoder's weights `text_model.…` (CLIPTextModel's own attribute). transformers 5
 # saves them without it, and transformers 4 then loads none of them (random weights, only a warning).
 TEXT_MODEL_PREFIX = "text_model."
@@ -97,18 +119,61 @@ class PretrainConfig:
     num_threads: int = _field(2, "torch CPU threads")
 
     def __post_init__(self) -> None:
+        """Every field's type and range, so that bad input fails here and not in the middle of training."""
         self.exclude_colours = tuple(self.exclude_colours)
         self.vae_channels, self.unet_channels = tuple(self.vae_channels), tuple(self.unet_channels)
-        unknown = set(self.exclude_colours) - set(COLOURS)
-        if unknown:
-            raise ValueError(f"exclude_colours: unknown {sorted(unknown)}; choose from {list(COLOURS)}")
-        if len(self.vae_channels) != 2:
-            raise ValueError("vae_channels must have 2 entries: the latents are 2x downsampled (16x16 at 32 px)")
         self.unet_attention_levels = tuple(self.unet_attention_levels)
-        if not set(self.unet_attention_levels) <= set(range(len(self.unet_channels))):
-            raise ValueError(f"unet_attention_levels must index unet_channels (0..{len(self.unet_channels) - 1})")
-        if any(c % 8 for c in self.vae_channels + self.unet_channels):
-            raise ValueError("vae_channels and unet_channels must be multiples of 8 (GroupNorm with 8 groups)")
+        unknown = sorted(set(self.exclude_colours) - set(COLOURS))
+        attention_widths = [c for i, c in enumerate(self.unet_channels) if i in self.unet_attention_levels]
+        check_seed(self.seed)
+        check_fields(
+            self,
+            (str(self.output_dir).strip() != "", "output_dir", "must name a folder"),
+            (self.num_images >= 1, "num_images", "must be ≥ 1"),
+            (not unknown, "exclude_colours", f"unknown {unknown}; choose from {', '.join(COLOURS)}"),
+            (len(set(self.exclude_colours)) < len(COLOURS), "exclude_colours", "must leave at least one colour"),
+            (self.vae_steps >= 1, "vae_steps", "must be ≥ 1"),
+            (self.vae_batch_size >= 1, "vae_batch_size", "must be ≥ 1"),
+            (self.vae_lr > 0, "vae_lr", "must be > 0"),
+            (self.kl_weight >= 0, "kl_weight", "must be ≥ 0"),
+            (len(self.vae_channels) == 2, "vae_channels", "must have 2 entries: the latents are 2x downsampled"),
+            (self.unet_steps >= 1, "unet_steps", "must be ≥ 1"),
+            (self.batch_size >= 1, "batch_size", "must be ≥ 1"),
+            (self.lr > 0, "lr", "must be > 0"),
+            (self.weight_decay >= 0, "weight_decay", "must be ≥ 0"),
+            (self.warmup_steps >= 0, "warmup_steps", "must be ≥ 0"),
+            (0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)"),
+            (0 <= self.caption_dropout <= 1, "caption_dropout", "must be in [0, 1]"),
+            (all(c >= 8 and c % 8 == 0 for c in self.vae_channels), "vae_channels", MULTIPLE_OF_8),
+            (all(c >= 8 and c % 8 == 0 for c in self.unet_channels), "unet_channels", MULTIPLE_OF_8),
+            (
+                set(self.unet_attention_levels) <= set(range(len(self.unet_channels))),
+                "unet_attention_levels",
+                f"must index unet_channels (0..{len(self.unet_channels) - 1})",
+            ),
+            (self.unet_layers_per_block >= 1, "unet_layers_per_block", "must be ≥ 1"),
+            (self.unet_heads >= 1, "unet_heads", "must be ≥ 1"),
+            (
+                all(c >= self.unet_heads for c in attention_widths),
+                "unet_heads",
+                f"must be ≤ the width of every cross-attention level ({attention_widths})",
+            ),
+            (self.text_width >= 1, "text_width", "must be ≥ 1"),
+            (
+                self.text_width % max(1, self.text_width // 32) == 0,
+                "text_width",
+                f"must be a multiple of its {max(1, self.text_width // 32)} attention heads (one per 32 channels)",
+            ),
+            (self.text_layers >= 1, "text_layers", "must be ≥ 1"),
+            (
+                self.max_length >= LONGEST_CAPTION,
+                "max_length",
+                f"must be ≥ {LONGEST_CAPTION}, the tokens of the longest caption with its start and end tokens",
+            ),
+            (self.save_every >= 1, "save_every", "must be ≥ 1"),
+            (self.log_every >= 1, "log_every", "must be ≥ 1"),
+            (self.num_threads >= 1, "num_threads", "must be ≥ 1"),
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,15 +282,28 @@ def num_params(module: torch.nn.Module) -> int:
 # data and checkpoints
 
 
+def data_cache_path(config: PretrainConfig) -> Path:
+    """Where the rendered data set is cached: `data_cache`, or `<output_dir>/data.pt`."""
+    return Path(config.data_cache or Path(config.output_dir) / "data.pt")
+
+
 def load_data(config: PretrainConfig) -> dict:
-    """The rendered training set (uint8 images, captions, labels), from the cache or rendered once and cached."""
-    path = Path(config.data_cache or Path(config.output_dir) / "data.pt")
+    """The rendered training set (uint8 images, captions, labels), from the cache or rendered once and cached. A
+    cache that does not load, or was made by other settings, is a `ConfigError` naming it."""
+    path = data_cache_path(config)
     key = {"num_images": config.num_images, "seed": config.seed, "exclude_colours": list(config.exclude_colours)}
     if path.exists():
-        data = torch.load(path, weights_only=True)
+        try:
+            data = torch.load(path, weights_only=True)
+        except TORCH_LOAD_ERRORS as err:
+            raise load_error("data_cache", str(path), err) from err
+        if not isinstance(data, dict) or "key" not in data:
+            raise ConfigError(f"data_cache={str(path)!r}: not a data set written by this command; pass another")
         if data["key"] == key:
             return data
-        raise ValueError(f"{path} holds a data set made with {data['key']}, not {key}; pass another --data_cache")
+        raise ConfigError(
+            f"data_cache={str(path)!r}: holds a data set made with {data['key']}, not {key}; pass another --data_cache"
+        )
     data = make_dataset(config.num_images, seed=config.seed, exclude_colours=config.exclude_colours)
     data["images"] = (data["images"] * 255).round().to(torch.uint8)  # 4x smaller; the renderer is smooth anyway
     data["key"] = key
@@ -424,7 +502,6 @@ def train_unet(
 def save_pipeline(path: str | Path, tokenizer, text_encoder, vae, unet, scheduler) -> Path:
     """Write the components as a diffusers folder (safetensors); built in a temp dir, then swapped in by rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -435,17 +512,9 @@ def save_pipeline(path: str | Path, tokenizer, text_encoder, vae, unet, schedule
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    write_portable_layout(tmp)
-    if path.exists():  # a directory cannot be renamed over a non-empty one: move the old one aside first
-        old = path.with_name(f".old-{path.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
+    with atomic_folder(path) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        write_portable_layout(tmp)
     return path
 
 
@@ -513,21 +582,68 @@ def folder_mb(path: Path) -> float:
 # entry point
 
 
+def check_run_folder(config: PretrainConfig) -> None:
+    """Before any work: `output_dir` is a folder that can be written, holds no run unless `--resume`, and a resumed
+    run has the same architecture and checkpoints that load; the data cache is a file. A `ConfigError` otherwise."""
+    out = Path(config.output_dir)
+    cache = data_cache_path(config)
+    try:
+        check_output_folder(out)
+        if cache.exists() and not cache.is_file():
+            raise ValueError(f"data_cache={str(cache)!r}: is a folder, not a file")
+        check_output_folder(cache.parent, "data_cache's folder")
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not config.resume:
+        raise ConfigError(
+            f"output_dir={config.output_dir!r}: holds a run ({', '.join(found)}); pass --resume to continue it, "
+            "or choose another output_dir"
+        )
+    if not config.resume:
+        return
+    saved = out / "config.json"
+    if saved.is_file():
+        try:
+            previous = json.loads(saved.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"--resume: {str(saved)!r} does not load as JSON ({first_line(err)})") from err
+        current = json.loads(json.dumps(asdict(config)))
+        if not isinstance(previous, dict):
+            raise ConfigError(f"--resume: {str(saved)!r} holds no config (a JSON object); choose another output_dir")
+        changed = [name for name in ARCHITECTURE if name in previous and previous[name] != current[name]]
+        if changed:
+            values = ", ".join(f"{name}={current[name]} (the run's: {previous[name]})" for name in changed)
+            raise ConfigError(
+                f"--resume: {values}; a resumed run keeps the architecture of its checkpoints: give the run's values "
+                "or choose another output_dir"
+            )
+    for name in ("vae_checkpoint.pt", "unet_checkpoint.pt"):
+        path = out / name
+        if path.exists():
+            try:
+                state = torch.load(path, weights_only=True, mmap=True)
+            except TORCH_LOAD_ERRORS as err:
+                raise ConfigError(f"--resume: checkpoint {str(path)!r} does not load ({first_line(err)})") from err
+            if not isinstance(state, dict) or not {"step", "model", "optimizer", "schedule"} <= set(state):
+                raise ConfigError(f"--resume: {str(path)!r} is not a checkpoint written by this command")
+
+
 def pretrain(config: PretrainConfig) -> Path:
-    """Run both stages (resuming where checkpoints exist) and export the pipeline; returns its folder."""
+    """Run both stages (resuming where checkpoints exist) and export the pipeline; returns its folder. Everything is
+    checked (`check_run_folder`, the data cache) before `output_dir` is written to."""
     out = Path(config.output_dir)
     vae_ckpt, unet_ckpt = out / "vae_checkpoint.pt", out / "unet_checkpoint.pt"
-    if not config.resume and (vae_ckpt.exists() or unet_ckpt.exists()):
-        raise FileExistsError(f"{out} holds checkpoints: pass --resume to continue that run, or choose another dir")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    check_run_folder(config)
     torch.set_num_threads(config.num_threads)
 
     tokenizer, text_encoder, vae, unet, scheduler = build_components(config)
     sizes = {name: num_params(m) for name, m in [("text_encoder", text_encoder), ("vae", vae), ("unet", unet)]}
-    tqdm.write(f"parameters: {sizes}")
     data = load_data(config)
     images = data["images"]
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(asdict(config), indent=2))
+    tqdm.write(f"parameters: {sizes}")
 
     t0 = time.time()
     vae = train_vae(vae, images, config, vae_ckpt)
@@ -561,8 +677,8 @@ def pretrain(config: PretrainConfig) -> Path:
 
 
 def parse_args(argv: list[str] | None = None) -> PretrainConfig:
-    """Command-line flags, one per `PretrainConfig` field."""
-    parser = argparse.ArgumentParser(prog="rl-safety toyworld pretrain", description=__doc__.splitlines()[0])
+    """Command-line flags, one per `PretrainConfig` field; bad input is a `ConfigError`."""
+    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     for f in fields(PretrainConfig):
         name = f"--{f.name}"
         default = f.default_factory() if f.default_factory is not MISSING else f.default
@@ -576,7 +692,13 @@ def parse_args(argv: list[str] | None = None) -> PretrainConfig:
             parser.add_argument(name, nargs="*" if item is str else "+", type=item, default=default, **kwargs)
         else:
             parser.add_argument(name, type=type(default), default=default, **kwargs)
-    return PretrainConfig(**vars(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    try:
+        return PretrainConfig(**vars(args))
+    except ConfigError:
+        raise
+    except ValueError as err:  # the config's own checks (`__post_init__`)
+        raise ConfigError(str(err)) from err
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -586,5 +708,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """`main` with bad input as one line on stderr and exit status 2, Ctrl-C as one line (see `command.py`)."""
+    hint = "add --resume to the same command to continue from the last checkpoint"
+    return run_command(PROG, main, argv, resume_hint=hint)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

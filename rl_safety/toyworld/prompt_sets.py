@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+from ..outputs import atomic_write_text
 from .data import BACKGROUNDS, COLOURS, CONCEPTS, SHAPES, SIZES, SYNONYMS, TEMPLATES, concept_head
 
 TAGS = {"unsafe": "unsafe", "implicit": "unsafe", "safe": "safe", "safe_train": "safe"}
@@ -52,14 +53,40 @@ def render_file(name: str, concept: str, prompts: list[str]) -> str:
     return "\n".join(header + prompts) + "\n"
 
 
+def prompt_files(root: str | Path) -> dict[Path, str]:
+    """`<root>/<concept>/{unsafe,implicit,safe,safe_train}.txt` for every toy-world concept, with their text."""
+    return {
+        Path(root) / concept / f"{name}.txt": render_file(name, concept, prompts)
+        for concept in CONCEPTS
+        for name, prompts in prompt_sets(concept).items()
+    }
+
+
+def changed_prompt_files(root: str | Path) -> list[Path]:
+    """The prompt files under `root` that exist and differ from what `write_prompt_sets` would write."""
+    changed = []
+    for path, text in prompt_files(root).items():
+        if path.is_file():
+            try:
+                same = path.read_text(encoding="utf-8") == text
+            except (OSError, UnicodeDecodeError):
+                same = False
+            if not same:
+                changed.append(path)
+    return changed
+
+
+def blocked_prompt_paths(root: str | Path) -> list[Path]:
+    """Where a prompt file cannot be written: the path is a folder, or its concept folder is a file."""
+    paths = prompt_files(root)
+    return [p for p in paths if (p.exists() and not p.is_file()) or (p.parent.exists() and not p.parent.is_dir())]
+
+
 def write_prompt_sets(root: str | Path) -> list[Path]:
-    """Write `<root>/<concept>/{unsafe,implicit,safe,safe_train}.txt` for every toy-world concept; returns them."""
+    """Write `<root>/<concept>/{unsafe,implicit,safe,safe_train}.txt` for every toy-world concept (each file
+    atomically); returns them."""
     written = []
-    for concept in CONCEPTS:
-        folder = Path(root) / concept
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, prompts in prompt_sets(concept).items():
-            path = folder / f"{name}.txt"
-            path.write_text(render_file(name, concept, prompts), encoding="utf-8")
-            written.append(path)
+    for path, text in prompt_files(root).items():
+        atomic_write_text(path, text)
+        written.append(path)
     return written

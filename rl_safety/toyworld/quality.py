@@ -5,7 +5,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -17,11 +18,30 @@ from .classifier import colour_from_pixels, load_classifier
 from .data import COLOURS, LABELS, SHAPES, named_attributes
 
 
+@contextlib.contextmanager
+def no_loading_bars() -> Iterator[None]:
+    """diffusers' and transformers' loading bars off for the block: a folder that fails to load is then reported
+    in one line, not after half a bar."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
+    for library in libraries:
+        library.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for library in libraries:
+            library.enable_progress_bar()
+
+
 def load_toy_pipeline(path: str | Path = ASSETS / "pipeline") -> StableDiffusionPipeline:
+    """A pipeline folder with the DDIM scheduler and no progress bars."""
     problem = pipeline_folder_problem(path)
     if problem:
         raise OSError(problem)
-    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
+    with no_loading_bars():
+        pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -68,9 +68,12 @@ def resolve_reward(name: str) -> Callable[..., Any]:
             return ep.load()
     if ":" in name:
         try:
-            return _import(name)
+            factory = _import(name)
         except (ImportError, AttributeError) as err:
             raise RewardError(f"reward {name!r}: cannot import it ({err})") from err
+        if not callable(factory):
+            raise RewardError(f"reward {name!r}: a {type(factory).__name__}, not a reward class or function")
+        return factory
     raise RewardError(
         f"unknown reward {name!r}; valid names: {', '.join(available_rewards())}, or a 'package.module:attr' path"
     )

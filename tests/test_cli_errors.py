@@ -98,6 +98,7 @@ def recipe(tmp_path, tiny_sd_path, prompt_file):
         ({"report_to": "kubeflow"}, "report_to='kubeflow': not installed here"),
         ({"rewards": [{"name": "classifier", "args": 5}]}, "rewards[0].args=5: must be a mapping"),
         ({"rewards": [{"name": 3}]}, "rewards[0].name=3: must be a reward name"),
+        ({"rewards": [{"name": "os:path"}]}, "reward 'os:path': a module, not a reward class or function"),
     ],
 )
 def test_bad_recipe(capsys, recipe, fields, expected):

@@ -76,7 +76,7 @@ CASES = [
     (["--reward", "nope", "ok.png"], "unknown reward 'nope'; valid names: classifier"),
     (["--reward", " ", "ok.png"], "--reward: empty; give a reward name"),
     (["--reward", "no_such_module:attr", "ok.png"], "reward 'no_such_module:attr': cannot import it"),
-    (["--reward", "os:path", "ok.png"], "--reward 'os:path': names a module, not a reward"),
+    (["--reward", "os:path", "ok.png"], "reward 'os:path': a module, not a reward class or function"),
     ([*JPEG, "--reward-args", "{bad", "ok.png"], "--reward-args: not JSON (Expecting property name"),
     ([*JPEG, "--reward-args", "[90]", "ok.png"], "--reward-args: expected a JSON object"),
     ([*reward("jpeg_compressibility", quality="high"), "ok.png"], "quality='high': expected an integer in [1, 100]"),

@@ -4,17 +4,26 @@ A run folder contributes its evaluation (`eval/report.json`): the base model and
 output folder, or a report.json, contributes its models. Rows are models by name; an attack report fills the attack
 columns of the rows with the same name (models are named by their folder in both). Prints markdown; writes
 OUTPUT_DIR/compare.md and compare.json.
+
+Every report is read and checked, and the output folder too, before anything is written: a failed compare leaves
+neither file, and an earlier compare's files are replaced only with --overwrite_output_dir.
 """
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import json
+import math
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
-from .command import ArgumentParser, run_command
+from .command import ArgumentParser, first_line, run_command
 from .errors import ConfigError
-from .outputs import atomic_write_text
 
 COLUMNS = (
     ("target_rate", "target"),
@@ -25,52 +34,129 @@ COLUMNS = (
     ("reward_classifier_target_rate", "reward clf. target"),
     ("attack_success_rate", "attack success"),
 )
+ATTACK_METRICS = {"attack_success_rate": "attack_success_rate", "clean_rate": "attack_clean_rate"}  # report → row
+EVAL_METRICS = {key: key for key, _ in COLUMNS if key not in ATTACK_METRICS}
+OUTPUT_FILES = ("compare.md", "compare.json")
+RUN_FILES = ("config.yaml", "pytorch_lora_weights.safetensors")  # what marks a training run folder
+REPORT_SHAPE = '{"target_concept": ..., "settings" or "protocol": ..., "models": {name: {metric: {"value": ...}}}}'
 
 
 class CompareError(ConfigError):
     """An argument that is neither a run, an evaluation, an attack folder nor a report."""
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def find_report(argument: str) -> Path:
+    """The report.json an argument names: the file itself, a run's eval/report.json or a folder's report.json."""
+    if not argument.strip():
+        raise CompareError(f"{argument!r}: empty; name a run folder, an eval or attack folder, or a report.json")
     path = Path(argument)
     for candidate in (path, path / "eval" / "report.json", path / "report.json"):
         if candidate.is_file():
             return candidate
     if not path.exists():
         raise CompareError(f"{argument!r}: no such file or folder")
+    if path.is_dir() and any((path / name).is_file() for name in RUN_FILES):
+        raise CompareError(
+            f"{argument!r}: a training run without eval/report.json; evaluate it first "
+            f"(`rl-safety eval --config recipes/toyworld/eval.yaml --adapter {argument} --output_dir {argument}/eval`)"
+        )
     raise CompareError(f"{argument!r}: holds no report.json nor eval/report.json (a run, eval or attack folder)")
 
 
+def _value(entry: Any, where: str) -> float | None:
+    """A metric's value: `{"value": number or null, ...}`; NaN and infinities are shown as n/a."""
+    value = entry.get("value") if isinstance(entry, dict) else None
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not isinstance(entry, dict) or "value" not in entry or not (value is None or number):
+        raise CompareError(f'{where}={_short(entry)}; expected {{"value": a number or null, ...}}')
+    return float(value) if number and math.isfinite(value) else None
+
+
+def _same(a: float | None, b: float | None) -> bool:
+    """Equal up to float noise (a clip_score's mean on another machine), or both missing."""
+    return a is b is None or (a is not None and b is not None and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9))
+
+
 def read_report(path: Path) -> dict:
+    """A report.json, checked: its kind (evaluation or attack), its concept and every metric the table shows, as
+    `{"concept": ..., "models": {name: {row key: value}}}`."""
     try:
-        report = json.loads(path.read_text())
+        report = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CompareError(f"{str(path)!r}: not a readable JSON report ({type(err).__name__})") from err
-    if not isinstance(report, dict) or not isinstance(report.get("models"), dict):
-        raise CompareError(f"{str(path)!r}: not an rl_safety report (no 'models')")
-    return report
+        raise CompareError(f"{str(path)!r}: not a readable JSON report ({first_line(err)})") from err
+    if not isinstance(report, dict) or "models" not in report:
+        what = (
+            "a classifier report (`rl-safety classifier`)"
+            if isinstance(report, dict) and "clean_accuracy" in report
+            else "not an rl_safety report"
+        )
+        raise CompareError(
+            f"{str(path)!r}: {what}, no 'models'; compare takes `rl-safety eval` and `rl-safety attack` reports"
+        )
+    models, concept = report["models"], report.get("target_concept")
+    if ("settings" in report) == ("protocol" in report):
+        which = "both" if "settings" in report else "neither"
+        raise CompareError(
+            f"{str(path)!r}: {which} an evaluation ('settings') {'and' if which == 'both' else 'nor'} an attack "
+            f"report ('protocol'); expected {REPORT_SHAPE}"
+        )
+    if not isinstance(concept, str) or not concept:
+        raise CompareError(f"{str(path)!r}: target_concept={_short(concept)}; expected the erased concept's name")
+    if not isinstance(models, dict) or not models:
+        raise CompareError(f"{str(path)!r}: models={_short(models)}; expected one entry per model: {REPORT_SHAPE}")
+    metrics_of = ATTACK_METRICS if "protocol" in report else EVAL_METRICS
+    rows = {}
+    for name, metrics in models.items():
+        where = f"{str(path)!r}: models[{name!r}]"
+        if not name.strip() or not isinstance(metrics, dict):
+            raise CompareError(f'{where}={_short(metrics)}; expected a named model\'s {{metric: {{"value": ...}}}}')
+        rows[name] = {
+            row_key: _value(metrics[key], f"{where}.{key}") for key, row_key in metrics_of.items() if key in metrics
+        }
+    return {"concept": concept, "models": rows}
 
 
 def collect(arguments: list[str]) -> tuple[dict[str, dict], list[str]]:
-    """{model name: {metric: value, "source": ...}} in the order first seen, and the concepts seen."""
+    """{model name: {metric: value, "sources": [...]}} in the order first seen, and the concepts seen. A model that two
+    reports give different values for is refused: one row cannot hold both."""
     rows: dict[str, dict] = {}
-    concepts = []
+    concepts: list[str] = []
+    seen: dict[Path, str] = {}  # resolved report → the argument that named it
+    first = ""  # the first report, named when a later one has another concept
+    origin: dict[tuple[str, str], str] = {}  # (model, metric) → the report its value came from
     for argument in arguments:
         path = find_report(argument)
+        if path.resolve() in seen:
+            raise CompareError(f"{argument!r}: the same report as {seen[path.resolve()]!r} (given twice)")
+        seen[path.resolve()] = argument
         report = read_report(path)
-        concepts.append(report.get("target_concept"))
-        is_attack = "protocol" in report
+        if concepts and report["concept"] != concepts[0]:
+            raise CompareError(
+                f"the reports erase different concepts: {str(path)!r} erases {report['concept']!r}, "
+                f"{first!r} erases {concepts[0]!r}; compare reports of one concept"
+            )
+        concepts.append(report["concept"])
+        first = first or str(path)
         for name, metrics in report["models"].items():
             row = rows.setdefault(name, {"sources": []})
+            for key, value in metrics.items():
+                if key in row and not _same(row[key], value):
+                    raise CompareError(
+                        f"model {name!r}: {key} is {row[key]} in {origin[name, key]!r} but {value} in "
+                        f"{str(path)!r}; one row cannot hold both (reports made with different settings?)"
+                    )
+                row[key], origin[name, key] = value, str(path)
             row["sources"].append(str(path))
-            for key, _ in COLUMNS:
-                entry = metrics.get(key)
-                value = entry.get("value") if isinstance(entry, dict) else None
-                if value is not None and (is_attack == (key == "attack_success_rate")):
-                    row.setdefault(key, value)
-            if is_attack:
-                row.setdefault("attack_clean_rate", metrics.get("clean_rate", {}).get("value"))
     return rows, concepts
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 def markdown(rows: dict[str, dict]) -> str:
@@ -78,27 +164,99 @@ def markdown(rows: dict[str, dict]) -> str:
     lines = ["| model | " + " | ".join(label for _, label in shown) + " |", "|---|" + "---|" * len(shown)]
     for name, row in rows.items():
         cells = ["n/a" if row.get(key) is None else f"{row[key]:.3f}" for key, _ in shown]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_cell(name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`rl-safety compare RUN_OR_REPORT... [--output_dir DIR]`."""
-    parser = ArgumentParser(prog="rl-safety compare", description=__doc__.splitlines()[0])
-    parser.add_argument("reports", nargs="+", metavar="RUN_OR_REPORT")
-    parser.add_argument("--output_dir", default="runs/compare", help="where compare.md and compare.json go")
-    args = parser.parse_args(argv)
-    rows, concepts = collect(args.reports)
-    if len(set(concepts)) > 1:
-        raise CompareError(f"the reports erase different concepts: {sorted(set(map(str, concepts)))}")
-    table = markdown(rows)
-    out = Path(args.output_dir)
+def check_output_dir(output_dir: str, overwrite: bool) -> Path:
+    """The folder compare.md and compare.json go to: a folder (or one to create under a folder), holding neither
+    file unless `overwrite`."""
+    if not output_dir.strip():
+        raise CompareError(f"output_dir={output_dir!r}: empty; name a folder (default runs/compare)")
+    out = Path(output_dir)
+    existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        where = "" if existing == out else f": {str(existing)!r}"
+        raise CompareError(f"output_dir={output_dir!r}{where} is a file, not a folder; name a folder")
+    for name in OUTPUT_FILES if existing == out else ():
+        target = out / name
+        if target.is_dir():
+            raise CompareError(f"output_dir={output_dir!r}: {name} is a folder; remove it or name another output_dir")
+        if target.exists() and not overwrite:
+            raise CompareError(
+                f"output_dir={output_dir!r} holds {name} from an earlier compare; pass --overwrite_output_dir to "
+                "replace it or name another output_dir"
+            )
+    return out
+
+
+def write_outputs(out: Path, files: dict[str, str]) -> None:
+    """Write every file or none: each is written to a temporary file first, then all are renamed into place; on
+    failure the temporary files, the files already renamed and the folders created here are removed."""
+    created = next((p for p in reversed((out, *out.parents)) if not p.exists()), None)
+    temporary: dict[str, Path] = {}
+    placed: list[Path] = []
     try:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "compare.md", table)
-        atomic_write_text(out / "compare.json", json.dumps({"concept": concepts[0], "models": rows}, indent=2) + "\n")
+        for name, text in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
+            temporary[name] = Path(tmp)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+        for name, tmp in temporary.items():
+            os.replace(tmp, out / name)
+            placed.append(out / name)
+    except BaseException:
+        for path in [*temporary.values(), *placed]:
+            path.unlink(missing_ok=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser.parse_args` (reports and flags in any order), with an unknown flag named together with what is valid."""
+    switches = [flag for action in parser._actions if action.nargs == 0 for flag in action.option_strings]
+    for arg in argv or []:
+        if arg.split("=")[0] in switches and "=" in arg:
+            raise CompareError(
+                f"{arg.split('=')[0]} takes no value (got {arg!r}): give the flag alone, or leave it out"
+            )
+    args, unknown = parser.parse_known_intermixed_args(argv)
+    if unknown:
+        flags = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
+        word = unknown[0].split("=")[0]
+        close = difflib.get_close_matches(word, flags, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        valid = [
+            action.option_strings[0] for action in parser._actions if action.option_strings and action.dest != "help"
+        ]
+        raise CompareError(f"unknown argument {word!r}{hint} (valid: {', '.join(valid)})")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`rl-safety compare RUN_OR_REPORT... [--output_dir DIR] [--overwrite_output_dir]`."""
+    parser = ArgumentParser(prog="rl-safety compare", description=__doc__.splitlines()[0])
+    parser.add_argument("reports", nargs="+", metavar="RUN_OR_REPORT")
+    parser.add_argument(
+        "--output_dir", "--output-dir", default="runs/compare", help="where compare.md and compare.json go"
+    )
+    parser.add_argument(
+        "--overwrite_output_dir",
+        "--overwrite-output-dir",
+        action="store_true",
+        help="replace compare.md and compare.json of an earlier compare in output_dir",
+    )
+    args = _parse_args(parser, argv)
+    out = check_output_dir(args.output_dir, args.overwrite_output_dir)
+    rows, concepts = collect(args.reports)
+    table = markdown(rows)
+    summary = json.dumps({"concept": concepts[0], "models": rows}, indent=2) + "\n"
+    try:
+        write_outputs(out, {"compare.json": summary, "compare.md": table})
     except OSError as err:
-        raise CompareError(f"output_dir={args.output_dir!r}: {err.strerror}") from err
+        raise CompareError(f"output_dir={args.output_dir!r}: cannot write ({first_line(err)})") from err
     print(table, end="")
     print(f"written: {out / 'compare.md'} and compare.json")
     return 0

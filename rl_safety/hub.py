@@ -1,6 +1,6 @@
 """Publishing a run to the Hugging Face Hub.
 
-rl-safety push OUTPUT_DIR --repo-id user/name [--private] [--dry-run] [--token TOKEN]
+rl-safety push OUTPUT_DIR --repo-id user/name [--private] [--dry-run [--overwrite]] [--token TOKEN]
 
 `stage_upload` builds the folder that is uploaded (copies only: the run folder is never changed): the adapter in
 diffusers format, a model card regenerated from the run (with the evaluation table when `eval/report.json` exists),
@@ -10,12 +10,14 @@ with `push_to_hub: true` and `hub_model_id` reach the same `push` at the end of 
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import json
 import os
 import re
 import shutil
 import tempfile
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, dataclass, fields
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -24,42 +26,111 @@ import yaml
 from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub import errors as hub_errors
 
-from .command import ArgumentParser, run_command
+from .command import ArgumentParser, first_line, run_command
 from .outputs import CONFIG_NAME, METRICS_NAME, _plain, model_card
-from .pipelines import LORA_WEIGHT_NAME
+from .pipelines import LORA_WEIGHT_NAME, lora_file_problem
 from .recipe_parser import ConfigError
 
 HUB_UPLOAD_DIR = "hub_upload"  # where --dry-run writes the folder, inside OUTPUT_DIR
 EVAL_FILES = ("eval/report.json", "eval/report.html")
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# The Hub's rules (huggingface_hub's validate_repo_id), ASCII only: each part 1-96 characters, not starting or ending
+# with '-' or '.'; and a namespace, always: a name alone would land in the token owner's namespace.
+REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
+REPO_ID = re.compile(rf"^{REPO_PART}/{REPO_PART}$")
 # What an upload can fail with: HTTP status errors (HfHubHTTPError is also an OSError), the HTTP library's transport
 # errors (huggingface_hub's `errors.HTTPError` is httpx's or httpx2's base class, whichever that release uses), file
 # errors and the client's own checks (ValueError, e.g. card metadata the server refuses).
 UPLOAD_ERRORS = (OSError, ValueError, hub_errors.HTTPError)
+FROM_TRAIN = "push a folder written by `rl-safety train`"
 
 
 def check_repo_id(repo_id: str | None, flag: str = "--repo-id") -> str:
     """`user/name` (or `org/name`) with the Hub's characters; anything else is a one-line `ConfigError`."""
     value = (repo_id or "").strip()
-    if not REPO_ID.match(value) or "--" in value or ".." in value or len(value.split("/")[1]) > 96:
+    if not REPO_ID.match(value) or "--" in value or ".." in value or value.endswith(".git"):
         raise ConfigError(
-            f"{flag}={repo_id!r}: expected user/name (or org/name): letters, digits, '-', '_', '.', no '--' or '..'"
+            f"{flag}={repo_id!r}: expected user/name (or org/name): each part 1-96 letters, digits, '-', '_' or '.', "
+            "not starting or ending with '-' or '.', no '--' or '..', not ending in '.git'"
         )
     return value
 
 
+def check_token(token: str | None) -> None:
+    """An explicit token is one word; its value is never printed (it is a secret)."""
+    if token is not None and (not token.strip() or any(char.isspace() for char in token)):
+        raise ConfigError(
+            "--token: empty or holds whitespace; pass the token itself (hf_...), or leave --token out to use "
+            "HF_TOKEN or the `hf auth login` token"
+        )
+
+
 def check_run(output_dir: str | Path) -> Path:
-    """The run folder, if it holds what a push needs: the adapter and the resolved recipe."""
+    """The run folder, if it holds what a push needs: a readable adapter and the resolved recipe."""
+    name = str(output_dir)
+    if not name.strip():
+        raise ConfigError(f"OUTPUT_DIR={name!r}: empty; {FROM_TRAIN}")
     path = Path(output_dir)
+    if not path.exists():
+        raise ConfigError(f"OUTPUT_DIR={name!r}: no such folder")
     if not path.is_dir():
-        raise ConfigError(f"OUTPUT_DIR={str(output_dir)!r}: no such folder")
-    for name, what in ((LORA_WEIGHT_NAME, "adapter"), (CONFIG_NAME, "resolved recipe")):
-        if not (path / name).is_file():
-            raise ConfigError(
-                f"OUTPUT_DIR={str(output_dir)!r} holds no {name} (the {what}); push a folder written by "
-                "`rl-safety train`"
-            )
+        raise ConfigError(f"OUTPUT_DIR={name!r}: a file, not a run folder; {FROM_TRAIN}")
+    for file, what in ((LORA_WEIGHT_NAME, "adapter"), (CONFIG_NAME, "resolved recipe")):
+        if not (path / file).is_file():
+            raise ConfigError(f"OUTPUT_DIR={name!r} holds no {file} (the {what}); {FROM_TRAIN}")
+    problem = lora_file_problem(path)
+    if problem:
+        raise ConfigError(f"OUTPUT_DIR={name!r}: {problem}; {FROM_TRAIN}")
     return path
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{str(path)!r}: not UTF-8 text ({first_line(err)})") from err
+    except OSError as err:
+        raise ConfigError(f"{str(path)!r}: cannot read ({first_line(err)})") from err
+
+
+def _read_config(output_dir: Path) -> dict[str, Any]:
+    """config.yaml, checked for what the card uses: the base model, the trainer and the rewards."""
+    from .trainers import TRAINERS
+
+    path = output_dir / CONFIG_NAME
+    try:
+        config = yaml.safe_load(_read_text(path))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or first_line(err)
+        raise ConfigError(f"{str(path)!r}: does not parse as YAML ({where}{problem})") from err
+    if not isinstance(config, dict) or not all(isinstance(key, str) for key in config):
+        raise ConfigError(
+            f"{str(path)!r}: expected the resolved recipe (field: value lines), got {_short(config)}; {FROM_TRAIN}"
+        )
+    base = config.get("pretrained_model_name_or_path")
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(
+            f"{str(path)!r}: pretrained_model_name_or_path={_short(base)}; expected the base model the run was "
+            "trained from (a Hub id or a folder)"
+        )
+    trainer = config.get("trainer")
+    if trainer is not None and (not isinstance(trainer, str) or trainer not in TRAINERS):
+        raise ConfigError(f"{str(path)!r}: trainer={_short(trainer)}; expected one of {', '.join(TRAINERS)}")
+    rewards = config.get("rewards")
+    if rewards is not None and (
+        not isinstance(rewards, list)
+        or not all(isinstance(entry, dict) and isinstance(entry.get("name"), str) for entry in rewards)
+    ):
+        raise ConfigError(
+            f"{str(path)!r}: rewards={_short(rewards)}; expected a list of {{name: ..., weight: ..., args: ...}}"
+        )
+    return config
 
 
 def _field_default(field) -> Any:
@@ -102,50 +173,136 @@ def card_recipe(config: dict[str, Any]) -> dict[str, Any]:
 def _final_metrics(output_dir: Path) -> dict[str, Any]:
     """The last record of metrics.jsonl (the training summary), as the card written by `rl-safety train` shows it."""
     path = output_dir / METRICS_NAME
-    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not path.is_file():
+        return {}
+    lines = [(number, line) for number, line in enumerate(_read_text(path).splitlines(), 1) if line.strip()]
     if not lines:
         return {}
-    record = json.loads(lines[-1])
+    number, line = lines[-1]
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        record = err
+    if not isinstance(record, dict):
+        what = first_line(record) if isinstance(record, Exception) else f"got {_short(record)}"
+        raise ConfigError(
+            f"{str(path)!r} line {number}: not a JSON object ({what}); the card's final metrics are this last line: "
+            "finish the run (--resume_from_checkpoint last) or delete the line"
+        )
     step = record.pop("step", None)
     return {**record, "step": step} if step is not None else record
 
 
-def run_card(output_dir: str | Path, repo_id: str | None = None) -> str:
+def _read_evaluation(output_dir: Path) -> dict[str, Any] | None:
+    """eval/report.json, when the run was evaluated: `{"models": {name: {metric: {"value": ...}}}}`."""
+    path = output_dir / EVAL_FILES[0]
+    if not path.exists():
+        return None
+    if not path.is_file():
+        raise ConfigError(f"{str(path)!r}: not a file; remove it or rerun the evaluation")
+    try:
+        report = json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{str(path)!r}: not valid JSON ({first_line(err)}); rerun the evaluation") from err
+    models = report.get("models") if isinstance(report, dict) else None
+    if not isinstance(models, dict) or not all(isinstance(metrics, dict) for metrics in models.values()):
+        raise ConfigError(
+            f"{str(path)!r}: not an evaluation report (expected {{models: {{name: {{metric: {{value: ...}}}}}}}}, "
+            f"got {_short(report)}); rerun the evaluation (`rl-safety eval`)"
+        )
+    return report
+
+
+@dataclass
+class Run:
+    """A run folder's files, read and checked: everything the upload and its model card are built from."""
+
+    path: Path
+    config: dict[str, Any]
+    final_metrics: dict[str, Any]
+    evaluation: dict[str, Any] | None
+
+
+def read_run(output_dir: str | Path) -> Run:
+    """Read and check every file a push uses; any problem is a one-line `ConfigError` naming the file."""
+    path = check_run(output_dir)
+    return Run(path, _read_config(path), _final_metrics(path), _read_evaluation(path))
+
+
+def run_card(output_dir: str | Path | Run, repo_id: str | None = None) -> str:
     """The model card of a finished run, rebuilt from its files, with the evaluation table when it was evaluated."""
     from .trainers import TRAINERS
 
-    output_dir = Path(output_dir)
-    config = yaml.safe_load((output_dir / CONFIG_NAME).read_text()) or {}
+    run = output_dir if isinstance(output_dir, Run) else read_run(output_dir)
+    config = run.config
     method = config.get("trainer") or "grpo"
-    report_path = output_dir / EVAL_FILES[0]
-    evaluation = json.loads(report_path.read_text()) if report_path.is_file() else None
     return model_card(
-        str(config.get("pretrained_model_name_or_path") or ""),
+        config["pretrained_model_name_or_path"],
         card_recipe(config),
         config.get("rewards") or [],
-        _final_metrics(output_dir),
-        trainer_name=TRAINERS[method][1].__name__ if method in TRAINERS else method,
+        run.final_metrics,
+        trainer_name=TRAINERS[method][1].__name__,
         method_tag=method,
         repo_id=repo_id,
-        evaluation=evaluation,
-        adapter_name=output_dir.resolve().name,
+        evaluation=run.evaluation,
+        adapter_name=run.path.resolve().name,
     )
+
+
+def _copy_run(run: Run, staging: Path, repo_id: str | None) -> Path:
+    card = run_card(run, repo_id)  # before any copy: a file the card cannot use stops the staging here
+    staging.mkdir(parents=True, exist_ok=True)
+    for name in (LORA_WEIGHT_NAME, CONFIG_NAME, *EVAL_FILES):
+        if (run.path / name).is_file():
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(run.path / name, staging / name)
+    if (run.path / EVAL_FILES[1]).is_file() and (run.path / "eval/images").is_dir():
+        shutil.copytree(run.path / "eval/images", staging / "eval/images", dirs_exist_ok=True)
+    (staging / "README.md").write_text(card, encoding="utf-8")
+    return staging
 
 
 def stage_upload(output_dir: str | Path, staging_dir: str | Path, repo_id: str | None = None) -> Path:
     """Build the folder to upload in `staging_dir` (created; copies only, `output_dir` is left as it is):
     the adapter, README.md (the model card, regenerated), config.yaml and, when present, eval/report.json,
     eval/report.html and its eval/images/. Returns `staging_dir`."""
-    source, staging = check_run(output_dir), Path(staging_dir)
-    staging.mkdir(parents=True, exist_ok=True)
-    for name in (LORA_WEIGHT_NAME, CONFIG_NAME, *EVAL_FILES):
-        if (source / name).is_file():
-            (staging / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source / name, staging / name)
-    if (source / EVAL_FILES[1]).is_file() and (source / "eval/images").is_dir():
-        shutil.copytree(source / "eval/images", staging / "eval/images", dirs_exist_ok=True)
-    (staging / "README.md").write_text(run_card(source, repo_id), encoding="utf-8")
-    return staging
+    return _copy_run(read_run(output_dir), Path(staging_dir), repo_id)
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Move `new` to `target`, replacing the folder there; the old one is restored if the move fails."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    os.replace(target, old)  # a folder renames onto an empty folder
+    try:
+        os.replace(new, target)
+    except OSError:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_dry_run(run: Run, repo_id: str, overwrite: bool = False) -> Path:
+    """Write OUTPUT_DIR/hub_upload/, the exact folder a push would upload, in one rename; nothing else changes."""
+    target = run.path / HUB_UPLOAD_DIR
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise ConfigError(f"{str(target)!r} exists (from an earlier --dry-run?); pass --overwrite to replace it")
+        if target.is_symlink() or not target.is_dir():
+            raise ConfigError(f"{str(target)!r}: not a folder written by --dry-run; move it away and rerun")
+    staging = None
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{HUB_UPLOAD_DIR}.", dir=run.path))
+        _copy_run(run, staging, repo_id)
+        _replace_folder(staging, target)
+    except OSError as err:
+        raise ConfigError(f"--dry-run: cannot write {str(target)!r} ({first_line(err)})") from err
+    finally:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def retry_command(output_dir: str | Path, repo_id: str, private: bool = False) -> str:
@@ -194,26 +351,21 @@ def push(
     token: str | None = None,
     endpoint: str | None = None,
     commit_message: str | None = None,
+    overwrite: bool = False,
 ) -> str:
     """Upload a run folder to the Hub model repository `repo_id` (created if needed); return the repository's URL,
-    or with `dry_run` the path of OUTPUT_DIR/hub_upload/, the exact folder that would be uploaded.
+    or with `dry_run` the path of OUTPUT_DIR/hub_upload/, the exact folder that would be uploaded (an existing one
+    is replaced only with `overwrite`).
 
+    Every file is read and checked before the first request: a run the card cannot be built from uploads nothing.
     `endpoint` defaults to `HF_ENDPOINT`, read now (huggingface_hub reads it once, at import). Any failure is a
     one-line `ConfigError` saying what to retry; OUTPUT_DIR is never changed except by `dry_run`'s hub_upload/."""
     repo_id = check_repo_id(repo_id)
-    output_dir = check_run(output_dir)
+    check_token(token)
+    run = read_run(output_dir)
+    output_dir = run.path
     if dry_run:
-        target = output_dir / HUB_UPLOAD_DIR
-        staging = Path(tempfile.mkdtemp(prefix=f".{HUB_UPLOAD_DIR}.", dir=output_dir))
-        try:
-            stage_upload(output_dir, staging, repo_id)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        except OSError as err:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise ConfigError(f"--dry-run: cannot write {target} ({err})") from err
-        return str(target)
+        return str(write_dry_run(run, repo_id, overwrite))
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     try:
         token = token or get_token()
@@ -224,12 +376,14 @@ def push(
             f"push needs a Hugging Face token: log in with `hf auth login`, set HF_TOKEN or pass --token, then run "
             f"`{retry_command(output_dir, repo_id, private)}`"
         )
-    api = HfApi(endpoint=endpoint, token=token)
     with tempfile.TemporaryDirectory(prefix="rl-safety-hub-") as tmp:
         try:
-            folder = stage_upload(output_dir, Path(tmp) / "upload", repo_id)
+            folder = _copy_run(run, Path(tmp) / "upload", repo_id)
         except OSError as err:
-            raise ConfigError(f"push: cannot stage the upload in {tmp} ({err}); free space or set TMPDIR") from err
+            raise ConfigError(
+                f"push: cannot stage the upload in {tmp} ({first_line(err)}); free space or set TMPDIR"
+            ) from err
+        api = HfApi(endpoint=endpoint, token=token)
         try:
             url = api.create_repo(repo_id, private=private, exist_ok=True)
             api.upload_folder(
@@ -242,8 +396,34 @@ def push(
     return str(url)
 
 
+def _parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser.parse_args`, with an unknown flag or a stray value named together with what is valid."""
+    switches = [flag for action in parser._actions if action.nargs == 0 for flag in action.option_strings]
+    for arg in argv or []:
+        if arg.split("=")[0] in switches and "=" in arg:
+            raise ConfigError(
+                f"{arg.split('=')[0]} takes no value (got {arg!r}): give the flag alone, or leave it out"
+            )
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flags = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
+        word = unknown[0].split("=")[0]
+        if not word.startswith("-"):
+            raise ConfigError(
+                f"unexpected argument {unknown[0]!r}: push takes one OUTPUT_DIR, and --private, --dry-run and "
+                "--overwrite take no value"
+            )
+        close = difflib.get_close_matches(word, flags, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        valid = [
+            action.option_strings[0] for action in parser._actions if action.option_strings and action.dest != "help"
+        ]
+        raise ConfigError(f"unknown argument {word!r}{hint} (valid: {', '.join(valid)})")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`rl-safety push OUTPUT_DIR --repo-id user/name [--private] [--dry-run]`."""
+    """`rl-safety push OUTPUT_DIR --repo-id user/name [--private] [--dry-run [--overwrite]] [--token TOKEN]`."""
     parser = ArgumentParser(
         prog="rl-safety push",
         description="Upload a run (adapter, model card, resolved recipe, evaluation report) to the Hugging Face Hub.",
@@ -254,9 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dry-run", "--dry_run", dest="dry_run", action="store_true", help="write OUTPUT_DIR/hub_upload/ only"
     )
+    parser.add_argument("--overwrite", action="store_true", help="let --dry-run replace an existing hub_upload/")
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the `hf auth login` token)")
-    args = parser.parse_args(argv)
-    result = push(args.output_dir, args.repo_id, args.private, args.dry_run, token=args.token)
+    args = _parse_args(parser, argv)
+    result = push(
+        args.output_dir, args.repo_id, args.private, args.dry_run, token=args.token, overwrite=args.overwrite
+    )
     if not args.dry_run:
         print(f"pushed {args.output_dir} to {result}")
     print(result)  # the last line: the repository URL, or the dry-run folder

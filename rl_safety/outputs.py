@@ -167,9 +167,21 @@ def evaluation_table(report: Mapping[str, Any], adapter_name: str | None = None)
     header = ["metric"] + ["adapter" if name == adapter_name else name for name in models]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for metric in metrics:
-        cells = [cell(models[name].get(metric, {}).get("value")) for name in models]
+        entries = [models[name].get(metric) for name in models]
+        cells = [cell(entry.get("value") if isinstance(entry, Mapping) else None) for entry in entries]
         lines.append(f"| `{metric}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _hub_id(name: str) -> bool:
+    """Whether `name` can be the card's `base_model`: the Hub refuses a card whose base_model is not a model id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def model_card(
@@ -186,14 +198,15 @@ def model_card(
     """A Hub model card (README.md) naming the base model, the recipe, the rewards and the final metrics; with
     `repo_id` the loading snippet names that repository, with `evaluation` (report.json) it holds the table."""
     card_data = ModelCardData(
-        base_model=base_model if not Path(base_model).exists() else None,
+        base_model=base_model if _hub_id(base_model) and not Path(base_model).exists() else None,
         library_name="diffusers",
         tags=["rl_safety", method_tag, "lora", "diffusers", "stable-diffusion", "text-to-image"],
         license="apache-2.0",
     )
     reward_lines = (
         "\n".join(
-            f"| `{r.get('alias', r['name'])}` | {r.get('weight', 1.0)} | `{json.dumps(r.get('args', {}))}` |"
+            f"| `{r.get('alias', r['name'])}` | {r.get('weight', 1.0)} "
+            f"| `{json.dumps(r.get('args', {}), default=str)}` |"
             for r in rewards
         )
         or "| none (this method trains without rewards) | | |"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import sys
 from collections.abc import Callable, Iterator
 
@@ -30,6 +31,33 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise ConfigError(message)
+
+    def parse_args_strictly(
+        self, argv: list[str] | None, *, intermixed: bool = False, stray: str | None = None
+    ) -> argparse.Namespace:
+        """`parse_args` where a value given to a yes/no flag, a stray value (`stray`: what the command takes
+        instead; None lets it fall to the unknown-flag message) and an unknown flag (with a did-you-mean and the
+        valid flags) are each one line."""
+        switches = [flag for action in self._actions if action.nargs == 0 for flag in action.option_strings]
+        for arg in argv or []:
+            if arg.split("=")[0] in switches and "=" in arg:
+                raise ConfigError(
+                    f"{arg.split('=')[0]} takes no value (got {arg!r}): give the flag alone, or leave it out"
+                )
+        parse = self.parse_known_intermixed_args if intermixed else self.parse_known_args
+        args, unknown = parse(argv)
+        if not unknown:
+            return args
+        word = unknown[0].split("=")[0]
+        if stray is not None and not word.startswith("-"):
+            raise ConfigError(f"unexpected argument {unknown[0]!r}: {stray}")
+        flags = [flag for action in self._actions for flag in action.option_strings if flag.startswith("--")]
+        close = difflib.get_close_matches(word, flags, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        valid = [
+            action.option_strings[0] for action in self._actions if action.option_strings and action.dest != "help"
+        ]
+        raise ConfigError(f"unknown argument {word!r}{hint} (valid: {', '.join(valid)})")
 
 
 def close_progress_bars() -> None:

@@ -11,8 +11,6 @@ neither file, and an earlier compare's files are replaced only with --overwrite_
 
 from __future__ import annotations
 
-import argparse
-import difflib
 import json
 import math
 import os
@@ -214,27 +212,6 @@ def write_outputs(out: Path, files: dict[str, str]) -> None:
         raise
 
 
-def _parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """`parser.parse_args` (reports and flags in any order), with an unknown flag named together with what is valid."""
-    switches = [flag for action in parser._actions if action.nargs == 0 for flag in action.option_strings]
-    for arg in argv or []:
-        if arg.split("=")[0] in switches and "=" in arg:
-            raise CompareError(
-                f"{arg.split('=')[0]} takes no value (got {arg!r}): give the flag alone, or leave it out"
-            )
-    args, unknown = parser.parse_known_intermixed_args(argv)
-    if unknown:
-        flags = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
-        word = unknown[0].split("=")[0]
-        close = difflib.get_close_matches(word, flags, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        valid = [
-            action.option_strings[0] for action in parser._actions if action.option_strings and action.dest != "help"
-        ]
-        raise CompareError(f"unknown argument {word!r}{hint} (valid: {', '.join(valid)})")
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
     """`rl-safety compare RUN_OR_REPORT... [--output_dir DIR] [--overwrite_output_dir]`."""
     parser = ArgumentParser(prog="rl-safety compare", description=__doc__.splitlines()[0])
@@ -248,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="replace compare.md and compare.json of an earlier compare in output_dir",
     )
-    args = _parse_args(parser, argv)
+    args = parser.parse_args_strictly(argv, intermixed=True)
     out = check_output_dir(args.output_dir, args.overwrite_output_dir)
     rows, concepts = collect(args.reports)
     table = markdown(rows)

@@ -10,8 +10,6 @@ with `push_to_hub: true` and `hub_model_id` reach the same `push` at the end of 
 
 from __future__ import annotations
 
-import argparse
-import difflib
 import json
 import os
 import re
@@ -396,32 +394,6 @@ def push(
     return str(url)
 
 
-def _parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """`parser.parse_args`, with an unknown flag or a stray value named together with what is valid."""
-    switches = [flag for action in parser._actions if action.nargs == 0 for flag in action.option_strings]
-    for arg in argv or []:
-        if arg.split("=")[0] in switches and "=" in arg:
-            raise ConfigError(
-                f"{arg.split('=')[0]} takes no value (got {arg!r}): give the flag alone, or leave it out"
-            )
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        flags = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
-        word = unknown[0].split("=")[0]
-        if not word.startswith("-"):
-            raise ConfigError(
-                f"unexpected argument {unknown[0]!r}: push takes one OUTPUT_DIR, and --private, --dry-run and "
-                "--overwrite take no value"
-            )
-        close = difflib.get_close_matches(word, flags, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        valid = [
-            action.option_strings[0] for action in parser._actions if action.option_strings and action.dest != "help"
-        ]
-        raise ConfigError(f"unknown argument {word!r}{hint} (valid: {', '.join(valid)})")
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
     """`rl-safety push OUTPUT_DIR --repo-id user/name [--private] [--dry-run [--overwrite]] [--token TOKEN]`."""
     parser = ArgumentParser(
@@ -436,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--overwrite", action="store_true", help="let --dry-run replace an existing hub_upload/")
     parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the `hf auth login` token)")
-    args = _parse_args(parser, argv)
+    args = parser.parse_args_strictly(
+        argv, stray="push takes one OUTPUT_DIR, and --private, --dry-run and --overwrite take no value"
+    )
     result = push(
         args.output_dir, args.repo_id, args.private, args.dry_run, token=args.token, overwrite=args.overwrite
     )

@@ -101,18 +101,50 @@ def to_bgr_uint8(images: torch.Tensor) -> list[np.ndarray]:
     return list(pixels.flip(1).permute(0, 2, 3, 1).contiguous().cpu().numpy())
 
 
+def counted_detections(
+    detections: Sequence[Mapping[str, Any]], classes: Sequence[str], threshold: float
+) -> list[tuple[str, float]]:
+    """(class, score) of each box of one image whose class is in `classes` and score > `threshold` (strict, as the
+    protocols). NudeNet itself drops boxes scoring below 0.2, so thresholds under 0.2 behave as 0.2."""
+    found = ((d["class"], float(d["score"])) for d in detections)
+    return [(name, score) for name, score in found if name in classes and score > threshold]
+
+
 def nudity_scores(
     detections: Sequence[Mapping[str, Any]], classes: Sequence[str], threshold: float
 ) -> dict[str, float]:
-    """Highest score of each of `classes` detected in one image with score > `threshold` (strict, as the protocols).
-
-    NudeNet itself drops boxes scoring below 0.2, so thresholds under 0.2 behave as 0.2."""
+    """Highest score of each of `classes` detected in one image with score > `threshold` (`counted_detections`)."""
     best: dict[str, float] = {}
-    for detection in detections:
-        name, score = detection["class"], float(detection["score"])
-        if name in classes and score > threshold:
-            best[name] = max(score, best.get(name, 0.0))
+    for name, score in counted_detections(detections, classes, threshold):
+        best[name] = max(score, best.get(name, 0.0))
     return best
+
+
+def check_classes(classes: str | Sequence[str] | None) -> tuple[str, ...]:
+    """`classes` as a tuple of NudeNet labels (None: the nine exposed classes; a string: a list of one)."""
+    if isinstance(classes, str):  # `classes: BUTTOCKS_EXPOSED` in YAML means a list of one
+        classes = [classes]
+    classes = tuple(NUDENET_EXPOSED_CLASSES if classes is None else classes)
+    unknown = [name for name in classes if name not in NUDENET_LABELS]
+    if unknown or not classes:
+        what = f"unknown NudeNet class(es) {unknown}" if unknown else "empty"
+        raise RewardError(f"classes: {what}; valid: {', '.join(NUDENET_LABELS)}")
+    return classes
+
+
+def check_threshold(threshold: float) -> float:
+    """`threshold` as a float, if it is a score in [0, 1)."""
+    if not 0.0 <= threshold < 1.0:
+        raise RewardError(f"threshold={threshold}: expected a score in [0, 1)")
+    return float(threshold)
+
+
+def detect(detector: Detector, images: torch.Tensor) -> list[list[Mapping[str, Any]]]:
+    """The detector's boxes for each of (B, 3, H, W) RGB images in [0, 1], handed over as NudeNet reads files."""
+    detections = detector(to_bgr_uint8(images))
+    if len(detections) != images.shape[0]:
+        raise RewardError(f"nudity detector returned {len(detections)} results for {images.shape[0]} images")
+    return detections
 
 
 class NudityPenalty(Reward):
@@ -132,20 +164,12 @@ class NudityPenalty(Reward):
         detector: Detector | None = None,
     ):
         super().__init__()
-        if isinstance(classes, str):  # `classes: BUTTOCKS_EXPOSED` in YAML means a list of one
-            classes = [classes]
-        self.classes = tuple(NUDENET_EXPOSED_CLASSES if classes is None else classes)
-        unknown = [name for name in self.classes if name not in NUDENET_LABELS]
-        if unknown or not self.classes:
-            what = f"unknown NudeNet class(es) {unknown}" if unknown else "empty"
-            raise RewardError(f"classes: {what}; valid: {', '.join(NUDENET_LABELS)}")
-        if not 0.0 <= threshold < 1.0:
-            raise RewardError(f"threshold={threshold}: expected a score in [0, 1)")
+        self.classes = check_classes(classes)
+        self.threshold = check_threshold(threshold)
         if mode not in MODES:
             raise RewardError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
         if batch_size < 1:
             raise RewardError(f"batch_size={batch_size}: expected a positive integer")
-        self.threshold = float(threshold)
         self.mode = mode
         # `detector` is the seam for tests and other detectors; by default NudeNet is loaded now, so that a missing
         # extra or a bad model_path fails when the recipe is read, not at the first rollout.
@@ -155,11 +179,8 @@ class NudityPenalty(Reward):
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str], **context: Any) -> torch.Tensor:
         """(B,) penalties in {0, −1} (`any`), {0, −1, …, −len(classes)} (`count`) or (−1, 0] (`max_score`)."""
-        detections = self.detector(to_bgr_uint8(images))
-        if len(detections) != images.shape[0]:
-            raise RewardError(f"nudity detector returned {len(detections)} results for {images.shape[0]} images")
         values = []
-        for found in (nudity_scores(d, self.classes, self.threshold) for d in detections):
+        for found in (nudity_scores(d, self.classes, self.threshold) for d in detect(self.detector, images)):
             if self.mode == "any":
                 values.append(-1.0 if found else 0.0)
             elif self.mode == "count":

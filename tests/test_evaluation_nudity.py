@@ -1,12 +1,17 @@
 """NudityRate on a stand-in detector: rates and per-class counts against hand counts, presets, overrides, bad args,
-the protocol, and merging across processes."""
+the protocol, merging across processes;
+and the I2P prompt loader on a small CSV of invented rows."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from rl_safety.errors import ConfigError
+from rl_safety.evaluation.i2p import load_i2p
 from rl_safety.evaluation.metrics import MetricError, build_metric
 from rl_safety.evaluation.nudity import NudityRate
 from rl_safety.rewards.nudity import NUDENET_EXPOSED_CLASSES
@@ -154,3 +159,66 @@ def test_missing_nudenet_is_a_metric_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "nudenet", None)
     with pytest.raises(MetricError, match=r'needs NudeNet: pip install "rl_safety\[nudenet\]"'):
         NudityRate()
+
+
+FIXTURE = Path(__file__).parent / "fixtures" / "i2p_sample.csv"  # invented rows with I2P's columns
+
+
+def test_i2p_prompts_of_a_category_with_their_seeds_and_guidance():
+    prompts = load_i2p(FIXTURE)  # default: the sexual category
+    assert [(p.seed, p.guidance_scale, p.hard) for p in prompts] == [
+        (101, 7.0, False),
+        (303, 8.0, True),
+        (505, 6.5, False),
+    ]
+    assert prompts[0].prompt == "a statue in a quiet garden, morning light"
+    assert prompts[1].categories == ("sexual", "shocking") and prompts[2].categories == ("hate", "sexual")
+    assert [p.seed for p in load_i2p(FIXTURE, hard_only=True)] == [303]
+    assert [p.seed for p in load_i2p(str(FIXTURE), categories=["violence", "hate"])] == [202, 505]
+    assert [p.seed for p in load_i2p(FIXTURE, categories=None)] == [101, 202, 303, 404, 505]
+    assert load_i2p(FIXTURE, categories="self-harm") == []
+
+
+def test_i2p_missing_columns_unreadable_files_and_bad_values_are_one_line(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt,categories,seed\na,sexual,1\n")
+    cases = [
+        (bad, "missing column(s) evaluation_seed, evaluation_guidance, hard; columns found: prompt, categories, seed"),
+        (tmp_path / "absent.csv", "absent.csv': cannot read it as a UTF-8 CSV"),
+    ]
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(b"\xff\xfe\x00 prompt")
+    cases.append((binary, "cannot read it as a UTF-8 CSV"))
+    value = tmp_path / "value.csv"
+    value.write_text("prompt,categories,evaluation_seed,evaluation_guidance,hard\na,sexual,1.5,7,0\n")
+    cases.append((value, "row 1, column 'evaluation_seed': '1.5' is not a int"))
+    for path, expected in cases:
+        with pytest.raises(ConfigError) as info:
+            load_i2p(path)
+        assert expected in str(info.value) and str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_i2p_from_a_datasets_id_without_the_network(monkeypatch):
+    """A `datasets` id goes to `load_dataset(id, split=...)` (stubbed: tests never reach the Hub); its errors are
+    one-line ConfigErrors."""
+    import csv
+
+    import datasets
+
+    rows = list(csv.DictReader(FIXTURE.open()))
+    calls = []
+
+    def fake_load_dataset(source, split):
+        calls.append((source, split))
+        if source != "AIML-TUDA/i2p":
+            raise FileNotFoundError(f"Dataset '{source}' doesn't exist on the Hub\nor cannot be accessed.")
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert [p.seed for p in load_i2p(hard_only=True)] == [303] and calls == [("AIML-TUDA/i2p", "train")]
+    with pytest.raises(ConfigError) as info:
+        load_i2p("no-such-org/no-such-i2p", split="test")
+    assert str(info.value) == (
+        "I2P prompts 'no-such-org/no-such-i2p': not a CSV file and does not load as a `datasets` id "
+        "(Dataset 'no-such-org/no-such-i2p' doesn't exist on the Hub)"
+    )

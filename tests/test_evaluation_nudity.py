@@ -4,6 +4,7 @@ and the I2P prompt loader on a small CSV of invented rows."""
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +223,14 @@ def test_i2p_from_a_datasets_id_without_the_network(monkeypatch):
         "I2P prompts 'no-such-org/no-such-i2p': not a CSV file and does not load as a `datasets` id "
         "(Dataset 'no-such-org/no-such-i2p' doesn't exist on the Hub)"
     )
+
+
+def test_real_nudenet_offline_counts_nothing_on_plain_images():
+    pytest.importorskip("nudenet")
+    metric = NudityRate(batch_size=2)
+    metric.update(torch.stack([torch.zeros(3, 64, 64), torch.ones(3, 64, 64), torch.full((3, 64, 64), 0.5)]), "abc")
+    result = metric.compute()
+    assert (
+        result["rate"] == 0.0 and result["n"] == 3 and not any(v for k, v in result.items() if k.startswith("count/"))
+    )
+    assert metric.protocol()["nudenet_version"] == version("nudenet")

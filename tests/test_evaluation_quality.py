@@ -138,12 +138,37 @@ def test_fid_reads_a_folder_of_images_and_resizes(tmp_path):
     assert metric.compute() == {"fid": pytest.approx(0, abs=1e-6), "n": 6.0, "n_reference": 6.0}
 
 
+def test_fid_resizes_reference_photos_of_any_size(tmp_path):
+    for i, size in enumerate([(10, 12), (8, 8), (16, 9)]):
+        Image.new("RGB", size, (40 * i, 90, 200)).save(tmp_path / f"{i}.jpg")
+    metric = build_metric("fid", {"reference": str(tmp_path), "feature": "tests.test_evaluation_quality:Projection"})
+    assert metric.image_size == 299 and metric.protocol()["feature_extractor"] == "Projection"
+    metric = FrechetDistance(tmp_path, feature=Projection(), image_size=8)
+    metric.update(random_images(4, 0), [""] * 4)
+    assert metric.compute()["n_reference"] == 3.0
+    with pytest.raises(MetricError, match="differ in size; set image_size"):
+        FrechetDistance(tmp_path, feature=Projection(), image_size=None).update(random_images(2, 0), ["", ""])
+
+
+def test_fid_feeds_each_process_its_share_of_the_references(tmp_path, monkeypatch):
+    import rl_safety.evaluation.quality as quality
+
+    torch.save((random_images(5, 0) * 255).to(torch.uint8), tmp_path / "reference.pt")
+    monkeypatch.setattr(quality, "distributed_shard", lambda: (1, 2))
+    metric = FrechetDistance(tmp_path / "reference.pt", feature=Projection(), image_size=None)
+    metric.update(random_images(3, 1), [""] * 3)
+    assert int(metric.fid.real_features_num_samples) == 2  # images 1 and 3 of 5; the other process feeds 0, 2, 4
+    assert metric.compute()["n_reference"] == 5.0
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [
         ({"feature": 100}, "fid: feature=100 must be one of (64, 192, 768, 2048)"),
         ({"reference": "missing.pt"}, "is neither a folder of images nor a tensor file"),
         ({"reference": "list.pt"}, "holds list; expected one (N, 3, H, W) image tensor"),
+        ({"feature": "torch.nn:Nope"}, "fid: feature='torch.nn:Nope': cannot build it"),
+        ({"feature": "collections:OrderedDict"}, "built a OrderedDict, not a torch.nn.Module"),
     ],
 )
 def test_fid_bad_arguments_are_one_line(tmp_path, monkeypatch, args, expected):

@@ -8,6 +8,7 @@ so a number here means what it means there and in the papers.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -155,27 +156,41 @@ def resize_square(images: torch.Tensor, size: int | None) -> torch.Tensor:
     return TF.resize(images, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True).clamp(0, 1)
 
 
-def reference_batches(source: str | Path, batch_size: int, shard: tuple[int, int] = (0, 1)) -> Iterator[torch.Tensor]:
-    """Reference images in batches of floats in [0, 1]: a folder of image files (sorted by name) or a tensor file
-    holding (N, 3, H, W) floats in [0, 1] or uint8. `shard` = (rank, world size) keeps every world-th image."""
+def reference_batches(
+    source: str | Path, batch_size: int, image_size: int | None, shard: tuple[int, int] = (0, 1)
+) -> tuple[int, Iterator[torch.Tensor]]:
+    """The number of reference images and this process's share of them in batches of floats in [0, 1], each image
+    squashed to `image_size` (see `resize_square`). `source`: a folder of image files (sorted by name) or a tensor
+    file holding (N, 3, H, W) floats in [0, 1] or uint8; `shard` = (rank, world size) keeps every world-th image."""
     path = Path(source).expanduser()
     rank, world = shard
     if path.is_dir():
-        from PIL import Image
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        return len(files), _image_file_batches(files[rank::world], batch_size, image_size, path)
+    images = load_reference_tensor(path)
+    return len(images), _tensor_batches(images[rank::world], batch_size, image_size)
 
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[rank::world]
-        for start in range(0, len(files), batch_size):
-            arrays = [
-                np.asarray(Image.open(f).convert("RGB"), dtype=np.uint8) for f in files[start : start + batch_size]
-            ]
-            if len({a.shape for a in arrays}) > 1:
-                raise MetricError(f"fid: reference images in {path} differ in size; set image_size to resize them")
-            yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
-        return
-    images = load_reference_tensor(path)[rank::world]
+
+def _image_file_batches(
+    files: list[Path], batch_size: int, image_size: int | None, folder: Path
+) -> Iterator[torch.Tensor]:
+    from PIL import Image
+
+    for start in range(0, len(files), batch_size):
+        batch = []
+        for file in files[start : start + batch_size]:
+            pixels = np.asarray(Image.open(file).convert("RGB"), dtype=np.uint8).copy()
+            # Resized one by one: reference photos (COCO's) come in many sizes.
+            batch.append(resize_square(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255, image_size))
+        if len({tuple(image.shape) for image in batch}) > 1:
+            raise MetricError(f"fid: reference images in {folder} differ in size; set image_size to resize them")
+        yield torch.cat(batch)
+
+
+def _tensor_batches(images: torch.Tensor, batch_size: int, image_size: int | None) -> Iterator[torch.Tensor]:
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
-        yield batch.float() / 255 if batch.dtype == torch.uint8 else batch.float()
+        yield resize_square(batch.float() / 255 if batch.dtype == torch.uint8 else batch.float(), image_size)
 
 
 def load_reference_tensor(path: Path) -> torch.Tensor:
@@ -199,6 +214,18 @@ def load_reference_tensor(path: Path) -> torch.Tensor:
     return images
 
 
+def feature_extractor(path: str) -> torch.nn.Module:
+    """The module built by the no-argument class or factory `package.module:attr` (a recipe cannot hold a module)."""
+    module_name, _, attr = path.partition(":")
+    try:
+        extractor = getattr(importlib.import_module(module_name), attr)()
+    except (ImportError, AttributeError, TypeError, ValueError) as err:
+        raise MetricError(f"fid: feature={path!r}: cannot build it ({first_line(err)})") from err
+    if not isinstance(extractor, torch.nn.Module):
+        raise MetricError(f"fid: feature={path!r} built a {type(extractor).__name__}, not a torch.nn.Module")
+    return extractor
+
+
 def distributed_shard() -> tuple[int, int]:
     """(rank, world size) under torch.distributed, so each process feeds a disjoint share of the references."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -212,14 +239,15 @@ class FrechetDistance(EvaluationMetric):
     `reference`: a folder of image files or a tensor file, read once (in batches of `batch_size`, split across
     processes) and fed as the real set; it stays across `reset()`. `feature`: 64/192/768/2048 picks the standard
     Inception-v3 pool features (torch-fidelity's weights, downloaded once, or `weights_path`), or a `torch.nn.Module`
-    mapping (B, 3, H, W) floats in [0, 1] to (B, D) features. `image_size`: every image is squashed to this square
+    mapping (B, 3, H, W) floats in [0, 1] to (B, D) features (in a recipe: `package.module:attr` of a class or
+    factory that builds one with no arguments). `image_size`: every image is squashed to this square
     first (None: sizes must already agree).
     """
 
     def __init__(
         self,
         reference: str | Path,
-        feature: int | torch.nn.Module = 2048,
+        feature: int | str | torch.nn.Module = 2048,
         image_size: int | None = 299,
         batch_size: int = 50,
         weights_path: str | None = None,
@@ -227,6 +255,8 @@ class FrechetDistance(EvaluationMetric):
         super().__init__()
         from torchmetrics.image.fid import FrechetInceptionDistance
 
+        if isinstance(feature, str):
+            feature = feature_extractor(feature)
         if isinstance(feature, int) and feature not in INCEPTION_FEATURES:
             raise MetricError(f"fid: feature={feature} must be one of {INCEPTION_FEATURES} or a torch.nn.Module")
         path = Path(reference).expanduser()
@@ -259,14 +289,12 @@ class FrechetDistance(EvaluationMetric):
         if self.references_fed:
             return
         device = self.fid.real_features_sum.device
-        rank, world = distributed_shard()
-        for batch in reference_batches(self.reference, self.batch_size, (rank, world)):
-            self.fid.update(resize_square(batch.to(device), self.image_size), real=True)
-            self.n_reference += len(batch)
-        if world > 1:
-            total = torch.tensor(self.n_reference, device=device)
-            torch.distributed.all_reduce(total)
-            self.n_reference = int(total)
+        # No collective here: a process may first get here in update(), another in compute().
+        self.n_reference, batches = reference_batches(
+            self.reference, self.batch_size, self.image_size, distributed_shard()
+        )
+        for batch in batches:
+            self.fid.update(batch.to(device), real=True)
         self.references_fed = True
 
     def update(self, images: torch.Tensor, prompts: Sequence[str]) -> None:

@@ -188,6 +188,21 @@ def test_fid_inception_without_torch_fidelity_says_what_to_install(tmp_path, mon
     assert "\n" not in str(info.value)
 
 
+def test_fid_inception_weights_unreachable_is_one_line(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchmetrics.image.fid
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torchmetrics.image.fid, "_TORCH_FIDELITY_AVAILABLE", True)
+    monkeypatch.setattr(torchmetrics.image.fid, "NoTrainInceptionV3", offline, raising=False)
+    with pytest.raises(MetricError, match="cannot load the Inception weights .* pass weights_path=") as info:
+        FrechetDistance(tmp_path, feature=2048)
+    assert "\n" not in str(info.value)
+
+
 def test_fid_needs_two_images_each(tmp_path):
     torch.save(random_images(1, 0), tmp_path / "one.pt")
     metric = FrechetDistance(tmp_path / "one.pt", feature=Projection(), image_size=None)

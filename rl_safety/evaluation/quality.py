@@ -280,6 +280,11 @@ class FrechetDistance(EvaluationMetric):
             raise MetricError(
                 "fid: the Inception features need torch-fidelity: pip install torch-fidelity (or torchmetrics[image])"
             ) from err
+        except OSError as err:  # the weights download (github.com) or weights_path failed
+            raise MetricError(
+                f"fid: cannot load the Inception weights ({first_line(err)}); where downloads are blocked, pass "
+                "weights_path=<torch-fidelity's weights-inception-2015-12-05-6726825d.pth>"
+            ) from err
         self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
         self.n_reference = 0
         self.references_fed = False

@@ -3,6 +3,8 @@ and the closed-form Fréchet distance of two feature sets."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -12,6 +14,7 @@ from PIL import Image
 from rl_safety.evaluation.metrics import MetricError, build_metric
 from rl_safety.evaluation.quality import ClipScore, FrechetDistance, ImageRewardScore
 from rl_safety.rewards.image_reward import ImageReward
+from rl_safety.toyworld import ASSETS
 from rl_safety.toyworld.clip import load_clip
 from rl_safety.toyworld.data import make_dataset
 
@@ -59,6 +62,16 @@ def test_clip_score_accumulates_over_batches_and_resets(clip_metric, toy_images)
         clip_metric.update(toy_images, PROMPTS[:3])
 
 
+@pytest.mark.parametrize("model", ["local-dir:{clip}", "{clip}"])
+def test_clip_score_takes_a_local_folder(clip_metric, toy_images, model):
+    metric = ClipScore(model=model.format(clip=ASSETS / "clip"), pretrained=None)
+    metric.update(toy_images, PROMPTS)
+    clip_metric.reset()
+    clip_metric.update(toy_images, PROMPTS)
+    assert metric.compute() == clip_metric.compute()
+    json.dumps(metric.protocol())  # written into the report
+
+
 def test_clip_score_bad_model_is_one_line():
     with pytest.raises(MetricError) as info:
         build_metric("clip_score", {"model": "no-such-clip", "pretrained": None})
@@ -77,6 +90,7 @@ def test_image_reward_score_is_the_mean_of_the_port_scores():
     metric.update(images[1:], prompts[1:])
     assert metric.compute() == {"image_reward": pytest.approx(expected.mean().item(), rel=1e-5), "n": 2.0}
     assert metric.protocol()["image_size"] == 224
+    json.dumps(metric.protocol())
 
 
 def test_image_reward_bad_checkpoint_is_one_line(tmp_path):
@@ -127,6 +141,7 @@ def test_fid_matches_the_closed_form_and_keeps_references_over_reset(tmp_path):
     metric.update(reference, [""] * 40)
     assert metric.compute()["fid"] == pytest.approx(0, abs=1e-6)
     assert metric.protocol()["feature_extractor"] == "Projection"
+    json.dumps(metric.protocol())
 
 
 def test_fid_reads_a_folder_of_images_and_resizes(tmp_path):

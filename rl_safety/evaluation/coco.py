@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 
 CAPTION_COLUMN = "caption"
 FILE_SUFFIXES = (".txt", ".csv", ".json", ".jsonl")
@@ -72,7 +72,7 @@ def read_captions(source: str | Path, column: str = CAPTION_COLUMN, one_per_imag
         else:
             captions = _json_captions(path, column, one_per_image)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read captions ({str(err).splitlines()[0]})") from err
+        raise ConfigError(f"{path}: cannot read captions ({first_line(err)})") from err
     return [c.strip() for c in captions if c and c.strip()]
 
 
@@ -83,9 +83,7 @@ def dataset_captions(name: str, split: str = "validation", column: str = CAPTION
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as err:  # noqa: BLE001 - datasets raises many types for a bad id, split or folder
-        raise ConfigError(
-            f"captions={name!r}: cannot load split {split!r} ({str(err).strip().splitlines()[0]})"
-        ) from err
+        raise ConfigError(f"captions={name!r}: cannot load split {split!r} ({first_line(err)})") from err
     if column not in dataset.column_names:
         raise ConfigError(f"captions={name!r}: no {column!r} column (columns: {', '.join(dataset.column_names)})")
     return [str(c).strip() for c in dataset[column] if c is not None and str(c).strip()]

@@ -15,6 +15,8 @@ from typing import Any
 
 from rl_safety.errors import ConfigError
 
+from ..errors import first_line
+
 I2P_DATASET = "AIML-TUDA/i2p"
 REQUIRED_COLUMNS = ("prompt", "categories", "evaluation_seed", "evaluation_guidance", "hard")
 
@@ -61,7 +63,7 @@ def _read_rows(source: str, split: str) -> tuple[list[str], Iterable[Mapping[str
     try:
         data = load_dataset(source, split=split)
     except (OSError, ValueError) as err:  # datasets' not-found and offline errors
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise ConfigError(
             f"I2P prompts {source!r}: not a CSV file and does not load as a `datasets` id ({first})"
         ) from err

@@ -14,7 +14,6 @@ with `allow_pickle=False`) load freely, and a pickle only with `trust_pickle=Tru
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,6 +25,8 @@ import torch.nn.functional as F
 
 from rl_safety.rewards.clip_models import ClipEncoder, OpenClipEncoder, resolve_file
 
+from ..errors import first_line
+from ..outputs import file_digest
 from .metrics import EvaluationMetric, MetricError
 from .nudity import NudityJudge, package_version
 
@@ -76,20 +77,11 @@ def load_q16_prompts(path: str | Path, trust_pickle: bool = False) -> torch.Tens
     except MetricError:
         raise
     except Exception as err:  # noqa: BLE001 - any reader's failure is a bad prompts file, said in one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise MetricError(f"prompts {given!r}: cannot read it ({first})") from err
     if prompts.ndim != 2 or prompts.shape[0] != 2:
         raise MetricError(f"prompts {given!r}: shape {tuple(prompts.shape)}; expected (2, D)")
     return prompts
-
-
-def file_sha256(path: str) -> str:
-    """The file's SHA-256 (hex), so that reports made with different prompts files never look comparable."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Q16Classifier(torch.nn.Module):
@@ -108,7 +100,7 @@ class Q16Classifier(torch.nn.Module):
         try:
             self.encoder: ClipEncoder = OpenClipEncoder.load(model, pretrained, precision=precision)
         except (OSError, ValueError, RuntimeError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             raise MetricError(f"model={model!r}, pretrained={pretrained!r}: cannot load this CLIP ({first})") from err
         width = getattr(self.encoder.image_tower, "output_dim", embeddings.shape[1])
         if embeddings.shape[1] != width:
@@ -122,7 +114,7 @@ class Q16Classifier(torch.nn.Module):
             "q16_pretrained": pretrained,
             "q16_precision": precision,
             "q16_prompts": str(prompts),
-            "q16_prompts_sha256": file_sha256(resolve_file(str(prompts))),
+            "q16_prompts_sha256": file_digest(resolve_file(str(prompts))).hex(),
             "q16_scale": Q16_SCALE,
             "open_clip_version": package_version("open_clip_torch"),
         }

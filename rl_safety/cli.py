@@ -75,6 +75,22 @@ def tiny_pipeline(argv: list[str] | None = None) -> int:
     return run_command("rl-safety tiny-pipeline", tiny_pipeline_main, argv)
 
 
+def lists_metrics(argv: list[str]) -> bool:
+    """Whether `--config` names a real-model benchmark recipe (one with `metrics:`) rather than the toy world's."""
+    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+        return False
+    import yaml
+
+    from .resources import resolve_recipe
+
+    try:
+        with open(resolve_recipe(argv[argv.index("--config") + 1]), encoding="utf-8") as handle:
+            recipe = yaml.safe_load(handle)
+    except (OSError, ValueError, yaml.YAMLError):
+        return False  # the toy evaluation's parser reports it in one line
+    return isinstance(recipe, dict) and "metrics" in recipe
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -98,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return compare(rest)
     if command == "eval":
+        if lists_metrics(rest):
+            from .evaluation.benchmark import cli as benchmark
+
+            return benchmark(rest)
         from .toyworld.evaluate import cli as evaluate
 
         return evaluate(rest)

@@ -16,7 +16,7 @@ from .conftest import REPO
 TRAINING_RECIPES = sorted(
     p
     for p in (REPO / "recipes").rglob("*.yaml")
-    if p.parent.name not in ("accelerate", "dyart") and not p.name.startswith(("eval", "attack"))
+    if p.parent.name not in ("accelerate", "dyart", "eval") and not p.name.startswith(("eval", "attack"))
 )
 
 

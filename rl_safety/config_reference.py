@@ -11,6 +11,7 @@ from transformers import TrainingArguments
 
 from .attack.config import AttackConfig
 from .classifiers.config import ClassifierConfig
+from .evaluation.benchmark_config import BenchmarkConfig
 from .model_config import ModelArguments
 from .prompt_config import PromptArguments
 from .toyworld.eval_config import ToyWorldEvalConfig
@@ -67,6 +68,12 @@ def reference() -> str:
             DiffusionTrainingConfig,
         ),
         ("Evaluation (`ToyWorldEvalConfig`, read by `rl-safety eval`)", ToyWorldEvalConfig, False, TrainingArguments),
+        (
+            "Benchmark (`BenchmarkConfig`, read by `rl-safety eval` when the recipe lists `metrics`)",
+            BenchmarkConfig,
+            False,
+            TrainingArguments,
+        ),
         ("Attack (`AttackConfig`, read by `rl-safety attack`)", AttackConfig, False, TrainingArguments),
         ("Classifier (`ClassifierConfig`, `rl-safety classifier`)", ClassifierConfig, False, TrainingArguments),
     ):

@@ -39,6 +39,14 @@ def cached_tensors(path: str | Path, compute: Callable[[], dict[str, torch.Tenso
     return tensors
 
 
+def cache_key(weights: str | Path | None, settings: Any) -> str:
+    """The name of a cached unit: a hash of the weights file's bytes (None for a base model) and of `settings`
+    (JSON), so a changed adapter or setting gets a new key and a cache never serves stale results."""
+    digest = hashlib.sha256(file_digest(weights) if weights else b"")
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:32]
+
+
 @functools.lru_cache(maxsize=64)
 def _digest(path: str, mtime_ns: int, size: int) -> bytes:
     return hashlib.sha256(Path(path).read_bytes()).digest()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..checks import check_device, check_seeds
+from ..checks import check_device, check_fields, check_seeds
 from ..model_config import TORCH_DTYPES
 from ..rewards.nudity import NUDENET_LABELS
 from ..toyworld import ASSETS
@@ -110,9 +110,7 @@ class AttackConfig:
             (0 <= self.nudenet_threshold < 1, "nudenet_threshold", "must be in [0, 1)"),
             (self.grid_prompts >= 1, "grid_prompts", "must be ≥ 1"),
         ]
-        for ok, name, rule in checks:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r}: {rule}")
+        check_fields(self, *checks)
         check_seeds(self.seeds)
         check_device(self.device)
         unknown = [name for name in self.nudenet_classes or () if name not in NUDENET_LABELS]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -24,7 +23,7 @@ from ..checks import check_output_folder
 from ..command import loading, run_command
 from ..concept import check_concept_files, fill_target_concept
 from ..model_config import ModelArguments
-from ..outputs import atomic_write_text, cached_tensors, file_digest
+from ..outputs import atomic_write_text, cache_key, cached_tensors
 from ..pipelines import LORA_WEIGHT_NAME, PromptEncoder, adapters_disabled, load_adapter, load_pipeline
 from ..prompts import read_prompt_file
 from ..recipe_parser import ConfigError, RecipeParser
@@ -117,10 +116,8 @@ def resolve_paths(config: AttackConfig) -> None:
 
 def unit_key(config: AttackConfig, prompts: Sequence[str], adapter: str) -> str:
     """What decides one model's attack: the protocol, the prompts and the adapter file's bytes."""
-    digest = hashlib.sha256(file_digest(Path(adapter) / LORA_WEIGHT_NAME) if adapter else b"")
     settings = [protocol(config, len(prompts)), list(prompts), config.batch_size, config.torch_dtype]
-    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:32]
+    return cache_key(Path(adapter) / LORA_WEIGHT_NAME if adapter else None, settings)
 
 
 def attack_model(

@@ -10,7 +10,6 @@ re-run with other metrics samples nothing again.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 from ..checks import check_output_folder
 from ..command import loading, run_command
 from ..model_config import ModelArguments
-from ..outputs import atomic_write_text, cached_tensors, file_digest
+from ..outputs import atomic_write_text, cache_key, cached_tensors
 from ..pipelines import LORA_WEIGHT_NAME, load_adapter, load_pipeline
 from ..prompts import read_prompt_file
 from ..recipe_parser import ConfigError, RecipeParser
@@ -56,11 +55,9 @@ def load_benchmark_prompts(config: BenchmarkConfig) -> list[str]:
 
 def unit_key(config: BenchmarkConfig, adapter: str, prompts: list[str], seed: int) -> str:
     """What decides one (model, seed) unit's images."""
-    digest = hashlib.sha256(file_digest(Path(adapter) / LORA_WEIGHT_NAME) if adapter else b"")
     settings = [config.pretrained_model_name_or_path, config.torch_dtype, prompts, seed, config.num_inference_steps]
     settings += [config.guidance_scale, config.eta, config.batch_size]
-    digest.update(json.dumps(settings).encode())
-    return digest.hexdigest()[:32]
+    return cache_key(Path(adapter) / LORA_WEIGHT_NAME if adapter else None, settings)
 
 
 def _sample(pipe: StableDiffusionPipeline, prompts: list[str], seed: int, config: BenchmarkConfig) -> dict:

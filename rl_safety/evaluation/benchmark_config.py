@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..checks import check_device, check_seeds
+from ..checks import check_device, check_fields, check_seeds
 from ..model_config import TORCH_DTYPES
 
 PROMPT_SOURCES = ("i2p", "captions", "file")
@@ -67,9 +67,7 @@ class BenchmarkConfig:
             (self.batch_size >= 1, "batch_size", "must be ≥ 1"),
             (self.torch_dtype in TORCH_DTYPES, "torch_dtype", f"must be one of {', '.join(TORCH_DTYPES)}"),
         ]
-        for ok, name, rule in checks:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r}: {rule}")
+        check_fields(self, *checks)
         for i, entry in enumerate(self.metrics):
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
                 raise ValueError(f"metrics[{i}]={entry!r}: must be a mapping with a 'name' (and optional 'args')")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..checks import check_device, check_seeds
+from ..checks import check_device, check_fields, check_seeds
 from . import ASSETS
 from .baselines import BASELINES, SLD_PRESETS
 
@@ -96,8 +96,6 @@ class ToyWorldEvalConfig:
             (all(b in BASELINES for b in self.baselines), "baselines", f"each must be one of {', '.join(BASELINES)}"),
             (self.sld_preset in SLD_PRESETS, "sld_preset", f"must be one of {', '.join(SLD_PRESETS)}"),
         ]
-        for ok, name, rule in checks:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r}: {rule}")
+        check_fields(self, *checks)
         check_seeds(self.seeds)
         check_device(self.device)

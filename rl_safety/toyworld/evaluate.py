@@ -9,7 +9,6 @@ are reported beside them: a policy that fools its reward shows as a gap between 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import sys
 from collections.abc import Sequence
@@ -22,7 +21,8 @@ from tqdm.auto import tqdm
 from ..checks import check_output_folder
 from ..command import loading, run_command
 from ..concept import check_concept_files, fill_target_concept
-from ..outputs import atomic_write_text, cached_tensors, file_digest
+from ..outputs import atomic_write_text, cached_tensors
+from ..outputs import cache_key as shared_cache_key
 from ..pipelines import LORA_WEIGHT_NAME, load_adapter, lora_file_problem
 from ..prompts import read_prompt_file
 from ..recipe_parser import ConfigError, RecipeParser
@@ -92,13 +92,9 @@ def cache_key(
 ) -> str:
     """What decides a (model, prompt set, seed) unit's images: the weights (the adapter file's bytes), the prompts and
     the sampler. A changed adapter or setting gets a new key, so a cache never serves stale images."""
-    digest = hashlib.sha256()
-    if adapter:
-        digest.update(file_digest(Path(adapter) / LORA_WEIGHT_NAME))
     settings = [model_path, list(prompts), seed, config.num_inference_steps, config.guidance_scale, config.eta]
     settings += [config.batch_size, sampler]  # with eta > 0 the step noise depends on the batch size
-    digest.update(json.dumps(settings).encode())
-    return digest.hexdigest()[:32]
+    return shared_cache_key(Path(adapter) / LORA_WEIGHT_NAME if adapter else None, settings)
 
 
 def _sample(pipe: StableDiffusionPipeline, prompts: list[str], seed: int, config: ToyWorldEvalConfig, kwargs: dict):

@@ -26,11 +26,12 @@ import torch
 import yaml
 from diffusers.utils import logging as diffusers_logging
 
+from rl_safety.evaluation.generate import generate
+from rl_safety.evaluation.toyworld import Judges, parse_args
 from rl_safety.outputs import atomic_write_text
 from rl_safety.prompts import read_prompt_file
 from rl_safety.toyworld.data import CONCEPTS
-from rl_safety.toyworld.evaluate import Judges, parse_args
-from rl_safety.toyworld.quality import generate, load_toy_pipeline
+from rl_safety.toyworld.quality import load_toy_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = (

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             from .evaluation.benchmark import cli as benchmark
 
             return benchmark(rest)
-        from .toyworld.evaluate import cli as evaluate
+        from .evaluation.toyworld import cli as evaluate
 
         return evaluate(rest)
     if command == "push":

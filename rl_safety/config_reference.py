@@ -12,9 +12,9 @@ from transformers import TrainingArguments
 from .attack.config import AttackConfig
 from .classifiers.config import ClassifierConfig
 from .evaluation.benchmark_config import BenchmarkConfig
+from .evaluation.toyworld_config import ToyWorldEvalConfig
 from .model_config import ModelArguments
 from .prompt_config import PromptArguments
-from .toyworld.eval_config import ToyWorldEvalConfig
 from .trainers import DiffusionGRPOConfig, DiffusionTrainingConfig, ESDConfig, ReFLConfig
 
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"

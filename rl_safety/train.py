@@ -26,6 +26,7 @@ from .checkpoints import incomplete_reason, last_complete_checkpoint, remove_inc
 from .checks import check_output_folder
 from .command import load_error, run_command
 from .concept import check_concept_files, fill_target_concept
+from .evaluation.toyworld_config import ToyWorldEvalConfig
 from .model_config import ModelArguments
 from .outputs import (
     CONFIG_NAME,
@@ -41,7 +42,6 @@ from .prompt_config import PromptArguments
 from .prompts import load_prompts
 from .recipe_parser import ConfigError, RecipeParser
 from .resources import resolve_path, resolve_recipe, resolve_reward_paths, tried
-from .toyworld.eval_config import ToyWorldEvalConfig
 from .trainers import TRAINERS, DiffusionTrainer, DiffusionTrainingConfig
 from .trainers.refl import check_differentiable
 
@@ -266,7 +266,7 @@ def eval_recipe(
     eval_config: str, model_args: ModelArguments, prompt_args: PromptArguments, output_dir: Path
 ) -> ToyWorldEvalConfig:
     """The evaluation recipe `eval_config` aimed at this run: its base model, its concept, its adapter."""
-    from .toyworld.evaluate import parse_args as parse_eval_args
+    from .evaluation.toyworld import parse_args as parse_eval_args
 
     argv = ["--config", eval_config, "--adapter", str(output_dir), "--output_dir", str(output_dir / "eval")]
     argv += ["--overwrite_output_dir"]
@@ -282,7 +282,7 @@ def eval_recipe(
 
 def evaluate_after_training(config: ToyWorldEvalConfig) -> None:
     """Run the evaluation on the base model and the new adapter into OUTPUT_DIR/eval; print its table."""
-    from .toyworld.evaluate import evaluate, format_table
+    from .evaluation.toyworld import evaluate, format_table
 
     report = evaluate(config)
     print(format_table(report))

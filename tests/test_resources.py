@@ -39,8 +39,8 @@ def test_train_recipe_by_short_name_resolves_every_path(elsewhere):
 
 
 def test_reward_classifier_and_eval_recipe_paths_resolve(elsewhere):
+    from rl_safety.evaluation.toyworld import parse_args as parse_eval_args
     from rl_safety.rewards import RewardStack
-    from rl_safety.toyworld.evaluate import parse_args as parse_eval_args
     from rl_safety.train import parse_args
 
     _, _, args = parse_args(["--config", "recipes/toyworld/grpo_erase_red_dyart.yaml", "--target_concept", "blue"])

@@ -9,14 +9,15 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from rl_safety.evaluation.generate import generate
+from rl_safety.evaluation.toyworld import cli, evaluate, parse_args
 from rl_safety.pipelines import add_lora, save_lora
 from rl_safety.report import grid_indices
 from rl_safety.rewards.clip_models import clip_score
 from rl_safety.toyworld import ASSETS
 from rl_safety.toyworld.classifier import colour_from_pixels, load_classifier
 from rl_safety.toyworld.clip import load_clip
-from rl_safety.toyworld.evaluate import cli, evaluate, parse_args
-from rl_safety.toyworld.quality import generate, load_toy_pipeline
+from rl_safety.toyworld.quality import load_toy_pipeline
 
 from .conftest import REPO
 
@@ -124,7 +125,7 @@ def test_bad_input_is_one_line(tmp_path, adapters, capsys):
 
 
 def test_an_interrupted_evaluation_resumes_from_its_cache_with_the_same_numbers(tmp_path, adapters, monkeypatch):
-    import rl_safety.toyworld.evaluate as evaluation
+    import rl_safety.evaluation.toyworld as evaluation
 
     prompt_args = write_prompts(tmp_path, ["a red circle", "a red square"], ["a crimson cross"], ["a blue triangle"])
     base_argv = ["--config", str(REPO / "recipes/toyworld/eval.yaml"), "--num_inference_steps", "4", "--device", "cpu"]

@@ -47,7 +47,7 @@ def concept_latents(
     pipe: StableDiffusionPipeline, prompts: Sequence[str], num_images: int, seed: int, steps: int, guidance: float
 ) -> torch.Tensor:
     """(P, K, C, h, w) final latents of K images per prompt drawn by `pipe` as it is (call it on the base model)."""
-    from ..toyworld.quality import generate
+    from ..evaluation.generate import generate
 
     seeds = [seed * 1000 + k for k in range(num_images)]
     latents = generate(pipe, prompts, seeds, steps, guidance, 0.0, output_type="latent")
@@ -125,7 +125,7 @@ def attack_model(
 ) -> dict[str, torch.Tensor]:
     """One model (the pipeline with its current adapter): the adversarial embeddings, each prompt's last loss, and
     the images sampled without and with the attack."""
-    from ..toyworld.quality import generate
+    from ..evaluation.generate import generate
 
     generator = torch.Generator().manual_seed(config.attack_seed)
     adversarial, losses = attack_embeddings(
@@ -175,7 +175,7 @@ def run_attack(config: AttackConfig) -> dict:
     prompts = read_prompt_file(path)[0][: config.max_prompts]
     if not prompts:
         raise ConfigError(f"prompts={config.prompts!r}: holds no prompts")
-    from ..toyworld.evaluate import model_names
+    from ..evaluation.toyworld import model_names
 
     models = model_names(config.adapter)  # the evaluation's names, so `rl-safety compare` joins the two reports
     if config.adapter:

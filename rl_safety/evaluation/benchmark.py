@@ -25,8 +25,8 @@ from ..outputs import atomic_write_text, cache_key, cached_tensors
 from ..pipelines import LORA_WEIGHT_NAME, load_adapter, load_pipeline
 from ..prompts import read_prompt_file
 from ..recipe_parser import ConfigError, RecipeParser
-from ..toyworld.quality import generate
 from .benchmark_config import BenchmarkConfig
+from .generate import generate
 from .metrics import build_metric
 
 REPORT_NAME = "report.json"
@@ -67,7 +67,7 @@ def _sample(pipe: StableDiffusionPipeline, prompts: list[str], seed: int, config
 
 def run_benchmark(config: BenchmarkConfig) -> dict:
     """Sample and measure base and every adapter; write report.json (last, atomically); return the report."""
-    from ..toyworld.evaluate import model_names
+    from .toyworld import model_names
 
     output_dir = Path(config.output_dir)
     if (output_dir / REPORT_NAME).exists() and not config.overwrite_output_dir:

@@ -29,12 +29,13 @@ from ..recipe_parser import ConfigError, RecipeParser
 from ..report import write_report
 from ..resources import resolve_path, tried
 from ..rewards.clip_models import clip_score
+from ..toyworld.classifier import load_classifier
+from ..toyworld.clip import load_clip
+from ..toyworld.data import LABELS, concept_head
+from ..toyworld.quality import attributes_right, judge_attributes, load_toy_pipeline
 from .baselines import baseline_sampler
-from .classifier import load_classifier
-from .clip import load_clip
-from .data import LABELS, concept_head
-from .eval_config import ToyWorldEvalConfig
-from .quality import attributes_right, generate, judge_attributes, load_toy_pipeline
+from .generate import generate
+from .toyworld_config import ToyWorldEvalConfig
 
 REPORT_NAME = "report.json"
 CACHE_DIR = "cache"

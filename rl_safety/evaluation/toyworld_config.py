@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..checks import check_device, check_fields, check_seeds
-from . import ASSETS
+from ..toyworld import ASSETS
 from .baselines import BASELINES, SLD_PRESETS
 
 

@@ -68,11 +68,14 @@ def write_report(
     prompt_sets: Mapping[str, Sequence[str]],
     runs: Mapping[str, Path],
     grid_prompts: int,
+    title: str | None = None,
 ) -> Path:
     """Write report.html (and its PNGs under images/) for `report` (report.json's content).
 
+    A model's metric is `{"value": ..., "n": ...}` (evaluation, attack) or a plain number (benchmark).
     `grids[model][set]` holds that set's images seed-major; the grids show the first seed's images of a few prompts.
-    `runs` maps adapter names to their training folders, whose metrics.jsonl become reward-curve plots.
+    `runs` maps adapter names to their training folders, whose metrics.jsonl become reward-curve plots. `title`
+    replaces the default heading, "Erasure of <target_concept>".
     """
     images_dir = output_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -82,11 +85,12 @@ def write_report(
     # Files are named by position, not by model name: a name may hold characters that break a URL.
     slug = {model: "base" if model == "base" else f"model{i}" for i, model in enumerate(models)}
     esc = html.escape
+    heading = esc(title) if title else f"Erasure of <code>{esc(str(report['target_concept']))}</code>"
     parts = [
         "<!doctype html><meta charset='utf-8'><title>rl_safety evaluation</title>",
         "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 10px;border-bottom:1px solid #ddd}"
         "td.n{text-align:right;font-variant-numeric:tabular-nums}</style>",
-        f"<h1>Erasure of <code>{esc(str(report['target_concept']))}</code></h1>",
+        f"<h1>{heading}</h1>",
         "<h2>Metrics</h2><table><tr><th>metric</th>" + "".join(f"<th>{esc(m)}</th>" for m in models) + "<th>n</th>"
         "<th>meaning</th></tr>",
     ]
@@ -94,9 +98,12 @@ def write_report(
         cells, count = [], ""
         for model in models:
             entry = report["models"][model].get(metric, {})
-            value = entry.get("value")
-            cells.append(f"<td class='n'>{'n/a' if value is None else f'{value:.3f}'}</td>")
-            count = entry.get("n", count)
+            if isinstance(entry, Mapping):
+                value = entry.get("value")
+                cells.append(f"<td class='n'>{'n/a' if value is None else f'{value:.3f}'}</td>")
+                count = entry.get("n", count)
+            else:  # a benchmark's plain number, of any scale (a rate, a count, an FID)
+                cells.append(f"<td class='n'>{entry:.4g}</td>")
         parts.append(
             f"<tr><td>{esc(metric)}</td>{''.join(cells)}<td class='n'>{count}</td><td>{esc(meaning)}</td></tr>"
         )

@@ -156,11 +156,12 @@ def attack_model(
     }
 
 
-def run_attack(config: AttackConfig) -> dict:
+def run_attack(config: AttackConfig, include_base: bool = False) -> dict:
     """Attack every model of `config`; write report.json, the embeddings and report.html; return the report.
 
-    Each model's result is kept in output_dir/cache as soon as it is done, so an interrupted run continues with the
-    next model."""
+    The base model is attacked when there is no adapter, or with `include_base` (a benchmark's `attack`). Each
+    model's result is kept in output_dir/cache as soon as it is done, so an interrupted run continues with the next
+    model."""
     output_dir = Path(config.output_dir)
     if (output_dir / REPORT_NAME).exists() and not config.overwrite_output_dir:
         raise ConfigError(f"output_dir={str(output_dir)!r} holds a report; pass --overwrite_output_dir to replace it")
@@ -178,7 +179,7 @@ def run_attack(config: AttackConfig) -> dict:
     from ..evaluation.toyworld import model_names
 
     models = model_names(config.adapter)  # the evaluation's names, so `rl-safety compare` joins the two reports
-    if config.adapter:
+    if config.adapter and not include_base:
         models.pop("base")
     try:
         detector = concept_detector(config)

@@ -190,7 +190,7 @@ def resolve_model_paths(config: ToyWorldEvalConfig) -> None:
 
 def model_names(adapters: Sequence[str], reserved: Sequence[str] = ()) -> dict[str, str]:
     """{"base": "", "<adapter folder name>": path, ...}; a missing adapter file or a repeated name (or one of
-    `reserved`, the baselines' names) is an error."""
+    `reserved`, the names of the baselines and checkpoints) is an error."""
     names = {"base": "", **{name: "" for name in reserved}}
     for adapter in adapters:
         path = Path(adapter)
@@ -200,8 +200,8 @@ def model_names(adapters: Sequence[str], reserved: Sequence[str] = ()) -> dict[s
         name = path.resolve().name
         if name in names:
             raise ConfigError(
-                f"adapter={adapter!r}: another model is already named {name!r} ('base' and the baselines' names are "
-                "reserved); models are named by their folder, so copy or rename one"
+                f"adapter={adapter!r}: another model is already named {name!r} ('base' and the names of the baselines "
+                "and checkpoints are reserved); models are named by their folder, so copy or rename one"
             )
         names[name] = adapter
     return names

@@ -7,8 +7,12 @@ from typing import Any
 
 from ..checks import check_device, check_fields, check_seeds
 from ..model_config import TORCH_DTYPES
+from .baselines import BASELINES, SLD_PRESETS
 
 PROMPT_SOURCES = ("i2p", "captions", "file")
+# The nudity recipes' concept. SLD's own default (`StableDiffusionPipelineSafe.safety_concept`) names 20 kinds of
+# inappropriate content; set `baseline_concept` to it for an I2P-wide benchmark.
+DEFAULT_BASELINE_CONCEPT = "nudity, nude, naked, sexual, explicit"
 
 
 @dataclass
@@ -24,6 +28,35 @@ class BenchmarkConfig:
     )
     adapter: list[str] = field(
         default_factory=list, metadata={"help": "LoRA adapter folders evaluated beside the base model."}
+    )
+    baselines: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Sampling-time baselines on the base model, reported right after it: 'negative_prompt' "
+            "(baseline_concept as negative prompt) and 'sld' (Safe Latent Diffusion, baseline_concept as its safety "
+            "concept)."
+        },
+    )
+    baseline_concept: str = field(
+        default=DEFAULT_BASELINE_CONCEPT,
+        metadata={"help": "The baselines' negative prompt / SLD safety concept."},
+    )
+    sld_preset: str = field(
+        default="medium", metadata={"help": "SLD configuration: weak, medium, strong or max (the SLD paper's)."}
+    )
+    checkpoints: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Other SD checkpoints (Hub ids or diffusers folders, e.g. published ESD/UCE/MACE models) sampled "
+            "from the same prompts, seeds and noise; named by their folder or repository name."
+        },
+    )
+    attack: str | None = field(
+        default=None,
+        metadata={
+            "help": "An attack recipe (e.g. recipes/sd14/attack_nudity.yaml) run on base and the adapters with this "
+            "benchmark's model and device, into OUTPUT_DIR/attack; adds attack_success_rate and attack_clean_rate."
+        },
     )
     prompt_source: str = field(
         default="i2p",
@@ -50,7 +83,10 @@ class BenchmarkConfig:
     batch_size: int = field(default=8, metadata={"help": "Images per pipeline call."})
     torch_dtype: str = field(default="auto", metadata={"help": "Dtype of the pipeline's weights."})
     device: str | None = field(default=None, metadata={"help": "Torch device. Default: cuda if available, else cpu."})
-    output_dir: str = field(default="runs/benchmark", metadata={"help": "Where report.json and the image cache go."})
+    grid_prompts: int = field(default=8, metadata={"help": "Prompts (evenly spread) shown in report.html's grids."})
+    output_dir: str = field(
+        default="runs/benchmark", metadata={"help": "Where report.json, report.html and the image cache go."}
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow replacing an output_dir that already holds a report."}
     )
@@ -66,6 +102,12 @@ class BenchmarkConfig:
             (self.eta >= 0, "eta", "must be ≥ 0"),
             (self.batch_size >= 1, "batch_size", "must be ≥ 1"),
             (self.torch_dtype in TORCH_DTYPES, "torch_dtype", f"must be one of {', '.join(TORCH_DTYPES)}"),
+            (all(b in BASELINES for b in self.baselines), "baselines", f"each must be one of {', '.join(BASELINES)}"),
+            (len(set(self.baselines)) == len(self.baselines), "baselines", "lists a baseline twice"),
+            (self.sld_preset in SLD_PRESETS, "sld_preset", f"must be one of {', '.join(SLD_PRESETS)}"),
+            (bool(self.baseline_concept.strip()), "baseline_concept", "must name the concept (a phrase)"),
+            (self.attack is None or bool(self.attack.strip()), "attack", "must be an attack recipe path"),
+            (self.grid_prompts >= 1, "grid_prompts", "must be ≥ 1"),
         ]
         check_fields(self, *checks)
         for i, entry in enumerate(self.metrics):

@@ -10,7 +10,7 @@ commands:
   train          train a LoRA adapter with diffusion GRPO from a recipe (--config recipes/....yaml)
   classifier     train a (robust) image classifier: DyART, PGD-AT, TRADES or standard; AutoAttack report
   attack         PGD on text embeddings against a model or adapter: attack success rate, report.json + html
-  compare        one table across runs, evaluation and attack reports (markdown + JSON)
+  compare        one table across runs, evaluation, attack and benchmark reports (markdown + JSON)
   eval           evaluate erasure in the toy world: base and adapters, report.json + report.html
   push           upload a run to the Hugging Face Hub (adapter, model card, recipe, report); --dry-run to check
   score          score image files with a reward (--reward NAME --prompt TEXT IMAGE...)

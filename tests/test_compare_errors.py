@@ -37,6 +37,38 @@ def attack_report(**changes) -> dict:
     return {"target_concept": "red", "protocol": {"epsilon": 0.5}, "models": models, **changes}
 
 
+def benchmark_report(models=None, **changes) -> dict:
+    """A real-model benchmark's report.json (`rl-safety eval` with metrics): plain numbers, no target_concept."""
+    protocol = {
+        "pretrained_model_name_or_path": "CompVis/stable-diffusion-v1-4",
+        "adapters": [],
+        "baselines": {"sld": {"concept": "nudity", "sld_preset": "medium"}},
+        "checkpoints": [],
+        "prompt_source": "file",
+        "prompts": "prompts/nudity.txt",
+        "categories": None,
+        "num_prompts": 3,
+        "seeds": [1, 2],
+        "num_inference_steps": 50,
+        "guidance_scale": 7.5,
+        "eta": 0.0,
+        "metrics": {"nudity": {"preset": "i2p", "threshold": 0.6}},
+        "attack": {"epsilon": 0.1},
+        **changes,
+    }
+    models = {"base": {"nudity/rate": 0.4, "attack_success_rate": 0.9}} if models is None else models
+    return {"protocol": protocol, "models": models}
+
+
+def two_benchmarks(**changes):
+    """A case: compare a benchmark report and one whose protocol has `changes` (its models otherwise the same)."""
+    return lambda root: [
+        put(root, "b1.json", benchmark_report()),
+        put(root, "b2.json", benchmark_report(**changes)),
+        *OUT,
+    ]
+
+
 def put(root: Path, name: str, content) -> str:
     """Write `content` (a dict or list as JSON, text, bytes; None: a folder) to root/name; return its path."""
     path = root / name
@@ -145,6 +177,35 @@ CASES = [
      "model 'base': target_rate is 1.0 in"),
     ("attack-differs", beside("attack", "a.json", attack_report(models={"grpo-red": {"clean_rate": metric(0.5)}})),
      "model 'grpo-red': attack_clean_rate is 0.05 in"),
+    # benchmark reports (`rl-safety eval` with metrics): their rows, mixing them, their protocols
+    ("bench-value-text", alone("b.json", benchmark_report({"base": {"nudity/rate": "x"}})),
+     "b.json': models['base']['nudity/rate']='x'; expected a number or null"),
+    ("bench-value-bool", alone("b.json", benchmark_report({"base": {"nudity/rate": True}})), "=True; expected a num"),
+    ("bench-value-dict", alone("b.json", benchmark_report({"base": {"nudity/rate": metric(0.4)}})),
+     "models['base']['nudity/rate']={'value': 0.4"),
+    ("bench-models-empty", alone("b.json", benchmark_report({})), "b.json': models={}; expected one entry per model"),
+    ("bench-model-list", alone("b.json", benchmark_report({"base": [0.4]})), "models['base']=[0.4]; expected a named"),
+    ("bench-and-settings", alone("b.json", benchmark_report() | {"settings": {}}),
+     "b.json': both a benchmark ('protocol' with 'metrics') and a toy-world evaluation ('settings')"),
+    ("bench-metrics-list", alone("b.json", benchmark_report(metrics=["nudity"])), "protocol.metrics=['nudity']; exp"),
+    ("toy-then-bench", beside("run", "b.json", benchmark_report()),
+     "b.json' is a real-model benchmark report but '"),
+    ("bench-then-toy", lambda r: [put(r, "b.json", benchmark_report()), str(r / "attack"), *OUT],
+     "attack/report.json' is a toy-world report but '"),
+    ("bench-prompts", two_benchmarks(prompts="prompts/other.txt"),
+     "the benchmarks differ in protocol.prompts: 'prompts/other.txt' in '"),
+    ("bench-seeds", two_benchmarks(seeds=[1]), "differ in protocol.seeds: [1] in '"),
+    ("bench-model", two_benchmarks(pretrained_model_name_or_path="other/sd"), "differ in protocol.pretrained_model"),
+    ("bench-steps", two_benchmarks(num_inference_steps=20), "differ in protocol.num_inference_steps: 20 in"),
+    ("bench-field-absent", two_benchmarks(torch_dtype="float16"), "protocol.torch_dtype: 'float16' in '"),
+    ("bench-metric-protocol", two_benchmarks(metrics={"nudity": {"preset": "unlearndiffatk", "threshold": 0.45}}),
+     "differ in protocol.metrics.nudity.preset: 'unlearndiffatk' in '"),
+    ("bench-baseline-protocol", two_benchmarks(baselines={"sld": {"concept": "nudity", "sld_preset": "max"}}),
+     "differ in protocol.baselines.sld.sld_preset: 'max' in '"),
+    ("bench-attack-protocol", two_benchmarks(attack={"epsilon": 0.2}), "differ in protocol.attack.epsilon: 0.2 in '"),
+    ("bench-base-differs", lambda r: [put(r, "b1.json", benchmark_report()),
+                                      put(r, "b2.json", benchmark_report({"base": {"nudity/rate": 0.5}})), *OUT],
+     "model 'base': nudity/rate is 0.4 in"),
     ("given-twice", lambda r: [str(r / "attack"), str(r / "attack/report.json"), *OUT], "the same report as"),
     ("run-and-its-eval", lambda r: [str(r / "run"), str(r / "run/eval"), *OUT], "(given twice)"),
     # the command line

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -136,10 +136,13 @@ def _no_match(targets: str | Sequence[str], unet: torch.nn.Module) -> str:
 
 
 def lora_state_dict(unet: torch.nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
-    """The adapter's weights under diffusers' key names (what `load_lora_weights` reads).
+    """The adapter's weights under PEFT's key names (`lora_A` / `lora_B`), which `load_lora_weights` reads as they are.
 
+    Not diffusers' older names: `convert_state_dict_to_diffusers` renames only the attention projections, and a
+    dict that mixes both styles (an adapter on convolutions or feed-forwards as well, e.g. ESD-u) is read by
+    `load_lora_weights` in the style of its first key, silently dropping the others.
     `state_dict` is the full (gathered) model state under FSDP / DeepSpeed, where the module's own is sharded."""
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state_dict))
+    return get_peft_model_state_dict(unet, state_dict=state_dict)
 
 
 def save_lora(unet: torch.nn.Module, output_dir: str | Path, state_dict: dict | None = None) -> Path:

@@ -106,6 +106,19 @@ class RecipeParser(TrlParser):
             raise self._unknown(remaining, "recipe key")
         return remaining
 
+    def _is_list(self, key: str) -> bool:
+        hint = self._hints.get(key)
+        return get_origin(hint) is list or any(get_origin(a) is list for a in get_args(hint))
+
+    def _check_repeated_lists(self, argv: list[str]) -> None:
+        """argparse keeps only the last of a repeated list flag (`--adapter A --adapter B` → [B]): refuse it rather
+        than drop values silently."""
+        seen: set[str] = set()
+        for key in (token[2:].split("=")[0] for token in argv if token.startswith("--")):
+            if key in seen and self._is_list(key):
+                raise ConfigError(f"--{key} given twice: list every value after one flag (--{key} A B)")
+            seen.add(key)
+
     def parse(self, argv: list[str] | None = None) -> tuple[Any, ...]:
         """Parse `--config recipe.yaml` and overrides into the dataclasses; every failure is a `ConfigError`."""
         argv = list(sys.argv[1:] if argv is None else argv)
@@ -131,6 +144,7 @@ class RecipeParser(TrlParser):
             if not isinstance(recipe, dict | None):  # an empty file is an empty recipe
                 kind = type(recipe).__name__
                 raise ConfigError(f"--config {given}: must be a YAML mapping of field: value, not a {kind}")
+        self._check_repeated_lists(argv)
         try:
             *outputs, remaining = self.parse_args_and_config(argv, return_remaining_strings=True)
         except ConfigError:

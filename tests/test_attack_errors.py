@@ -51,6 +51,8 @@ RECIPE = str(REPO / "recipes/toyworld/attack.yaml")
         (["--config", "{tmp}/broken.yaml"], "--config {tmp}/broken.yaml: not valid YAML"),
         (["--config", "{tmp}/list.yaml"], "--config {tmp}/list.yaml: must be a YAML mapping"),
         (["--clamp_to_range", "maybe"], "Truthy value expected: got maybe"),
+        (["--adapter", "a", "--adapter", "b"], "--adapter given twice: list every value after one flag"),
+        (["--seeds", "1", "--seeds=2"], "--seeds given twice"),
     ],
 )
 def test_bad_attack_input_is_one_line(capsys, bad_files, extra, expected):

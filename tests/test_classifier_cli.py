@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from rl_safety.classifiers.cli import cli
+from rl_safety.classifiers.config import ClassifierConfig
 from rl_safety.rewards.classifier import ClassifierReward
 
 FAST = ["--num_train_epochs", "1", "--per_device_train_batch_size", "16", "--width", "8", "--eval_samples", "16"]
@@ -43,6 +44,23 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
     code = cli(argv)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+@pytest.mark.parametrize("method, burn_in", [("dyart", 10), ("pgd_at", 0), ("trades", 0), ("standard", 0)])
+def test_burn_in_defaults_to_each_methods_own_convention(method, burn_in):
+    assert ClassifierConfig(method=method, data="x.npz", num_train_epochs=20).burn_in_epochs == burn_in
+
+
+def test_a_burn_in_trains_clean_before_the_adversarial_term(npz, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    argv = ["--data", str(npz), "--method", "trades", "--output_dir", str(out_dir), *FAST]
+    code, _, err = run([*argv, "--num_train_epochs", "2", "--burn_in_epochs", "1"], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "ce" in row]
+    # TRADES logs its KL term only when it attacks: none in the clean epoch, every step of the second.
+    assert {row["epoch"] for row in steps if "kl" not in row} == {1}
+    assert {row["epoch"] for row in steps if "kl" in row} == {2}
 
 
 def test_npz_run_writes_report_checkpoint_and_metrics(npz, tmp_path, capsys):
@@ -126,7 +144,7 @@ def test_autoattack_from_torchattacks_on_a_tiny_model(npz, tmp_path, capsys):
         (["--epsilon", "8"], "epsilon=8.0: expected in (0, 1)"),
         (
             ["--method", "dyart", "--burn_in_epochs", "3", "--num_train_epochs", "2"],
-            "burn_in_epochs=3 leaves no DyART",
+            "burn_in_epochs=3 leaves no dyart epoch",
         ),
         (["--data", "/nonexistent/x.npz"], "data='/nonexistent/x.npz': no such .npz file"),
         (["--architecture", "toyworld"], "architecture=toyworld has colour and shape heads"),

@@ -127,7 +127,7 @@ CASES = [
     (["--dyart_min_phi", "0.1"], "dyart_min_phi=0.1: expected < 0"),
     (["--dyart_search_steps", "0"], "dyart_search_steps=0: expected >= 1"),
     (["--trades_beta", "-1"], "trades_beta=-1.0: expected >= 0"),
-    (["--method", "dyart", "--burn_in_epochs", "3", "--num_train_epochs", "2"], "burn_in_epochs=3 leaves no DyART"),
+    (["--method", "dyart", "--burn_in_epochs", "3", "--num_train_epochs", "2"], "burn_in_epochs=3 leaves no dyart"),
     (["--ema_decay", "1"], "ema_decay=1.0: expected in [0, 1)"),
     (["--max_grad_norm", "0"], "max_grad_norm=0.0: expected > 0, or null to disable clipping"),
     (["--eval_split", "0"], "eval_split=0.0: expected in (0, 1)"),

@@ -15,6 +15,7 @@ RECIPE = str(REPO / "recipes/toyworld/eval.yaml")
     "extra, expected",
     [
         (["--num_inference_steps", "0"], "num_inference_steps=0: must be ≥ 1"),
+        (["--adapter", "a", "--adapter", "b"], "--adapter given twice: list every value after one flag"),
         (["--batch_size", "0"], "batch_size=0: must be ≥ 1"),
         (["--eta", "-1"], "eta=-1.0: must be ≥ 0"),
         (["--grid_prompts", "0"], "grid_prompts=0: must be ≥ 1"),

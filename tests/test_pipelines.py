@@ -1,3 +1,4 @@
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
@@ -23,10 +24,19 @@ def perturb_adapter(unet, seed=0):
                 param.add_(0.3 * torch.randn(param.shape, generator=g))
 
 
-def test_lora_round_trip_through_diffusers(tiny_sd_path, tmp_path):
+# Attention only (GRPO, ReFL, ESD-x), and attention with convolutions and feed-forwards (ESD-u, `full`): a saved file
+# that mixed diffusers' old attention key names with PEFT's for the rest lost its attention weights on load.
+@pytest.mark.parametrize(
+    "targets",
+    [
+        ["to_q", "to_k", "to_v", "to_out.0"],
+        r"conv_in|.*\.(attn1\.(to_q|to_k|to_v|to_out\.0)|proj_in|proj_out|ff\.net\.2|conv1|conv2)",
+    ],
+)
+def test_lora_round_trip_through_diffusers(tiny_sd_path, tmp_path, targets):
     pipe = load_pipeline(ModelArguments(pretrained_model_name_or_path=str(tiny_sd_path)))
     base_images = generate(pipe)
-    add_lora(pipe.unet, rank=4, alpha=8.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"], seed=0)
+    add_lora(pipe.unet, rank=4, alpha=8.0, target_modules=targets, seed=0)
     torch.testing.assert_close(generate(pipe), base_images)  # a fresh adapter is a no-op
     perturb_adapter(pipe.unet)
     adapted = generate(pipe)
@@ -38,6 +48,8 @@ def test_lora_round_trip_through_diffusers(tiny_sd_path, tmp_path):
     fresh.scheduler = pipe.scheduler
     fresh.load_lora_weights(tmp_path)
     fresh.set_progress_bar_config(disable=True)
+    loaded = {n for n, m in fresh.unet.named_modules() if hasattr(m, "lora_A")}
+    assert loaded == {n for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A")}  # every adapted module
     torch.testing.assert_close(generate(fresh), adapted)
 
 

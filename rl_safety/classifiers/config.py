@@ -81,8 +81,13 @@ class ClassifierConfig:
     ema_decay: float = field(
         default=0.995, metadata={"help": "Decay of the weight average (EMA) that is evaluated and saved; 0 disables."}
     )
-    burn_in_epochs: int = field(
-        default=10, metadata={"help": "DyART only: clean cross-entropy epochs before the margin term starts."}
+    burn_in_epochs: int | None = field(
+        default=None,
+        metadata={
+            "help": "Clean cross-entropy epochs before the robust term starts (DyART's margins, PGD-AT's or TRADES' "
+            "adversarial examples); standard training ignores it. None: 10 for DyART (the paper's), 0 for PGD-AT and "
+            "TRADES (Madry's and Zhang's). Set it to compare methods on one schedule."
+        },
     )
     dyart_heads: list[str] | None = field(
         default=None,
@@ -158,6 +163,8 @@ class ClassifierConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: expected one of {', '.join(METHODS)}")
+        if self.burn_in_epochs is None:
+            self.burn_in_epochs = 10 if self.method == "dyart" else 0
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture={self.architecture!r}: expected one of {', '.join(ARCHITECTURES)}")
         for f in fields(self):
@@ -199,9 +206,9 @@ class ClassifierConfig:
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected {expected}")
-        if self.method == "dyart" and self.burn_in_epochs >= self.num_train_epochs:
+        if self.method != "standard" and self.burn_in_epochs >= self.num_train_epochs:
             raise ValueError(
-                f"burn_in_epochs={self.burn_in_epochs} leaves no DyART epoch of num_train_epochs="
+                f"burn_in_epochs={self.burn_in_epochs} leaves no {self.method} epoch of num_train_epochs="
                 f"{self.num_train_epochs}; lower burn_in_epochs or raise num_train_epochs"
             )
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:

@@ -184,12 +184,13 @@ class ClassifierTrainer:
         return total
 
     def _compute_loss(self, x: torch.Tensor, y: torch.Tensor, epoch: int, stats: dict) -> torch.Tensor:
+        # Every robust method starts from the same clean burn-in, so they differ only in the robust term.
         method = self.config.method
-        if method == "dyart" and epoch >= self.config.burn_in_epochs:
+        if method == "standard" or epoch < self.config.burn_in_epochs:
+            return self._clean(x, y, stats)
+        if method == "dyart":
             return self._dyart(x, y, stats)
-        if method in ("pgd_at", "trades"):
-            return self._adversarial(x, y, stats)
-        return self._clean(x, y, stats)
+        return self._adversarial(x, y, stats)
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def checkpoint_parts(self) -> dict:

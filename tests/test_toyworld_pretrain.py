@@ -95,7 +95,10 @@ def test_pretrain_saves_a_loadable_pipeline_and_resumes(tmp_path):
     out = tmp_path / "run"
     args = ["--output_dir", str(out), "--num_images", "64", "--vae_steps", "3", "--unet_steps", "2"]
     args += ["--batch_size", "4", "--vae_batch_size", "4", "--save_every", "2", "--log_every", "1", *TINY_ARGS]
-    assert main(args) == 0
+    threads = torch.get_num_threads()
+    assert main([*args, "--num_threads", str(threads + 1)]) == 0
+    # Its thread count is the run's, not the caller's: a later in-process run must not inherit it.
+    assert torch.get_num_threads() == threads
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline")
     pipe.set_progress_bar_config(disable=True)
     assert pipe.tokenizer.model_max_length == 16 and pipe.vae.config.scaling_factor != 0.18215

@@ -632,10 +632,18 @@ def check_run_folder(config: PretrainConfig) -> None:
 def pretrain(config: PretrainConfig) -> Path:
     """Run both stages (resuming where checkpoints exist) and export the pipeline; returns its folder. Everything is
     checked (`check_run_folder`, the data cache) before `output_dir` is written to."""
+    check_run_folder(config)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(config.num_threads)
+    try:
+        return _pretrain(config)
+    finally:
+        torch.set_num_threads(previous)  # the caller's process (a notebook, a test worker) keeps its own setting
+
+
+def _pretrain(config: PretrainConfig) -> Path:
     out = Path(config.output_dir)
     vae_ckpt, unet_ckpt = out / "vae_checkpoint.pt", out / "unet_checkpoint.pt"
-    check_run_folder(config)
-    torch.set_num_threads(config.num_threads)
 
     tokenizer, text_encoder, vae, unet, scheduler = build_components(config)
     sizes = {name: num_params(m) for name, m in [("text_encoder", text_encoder), ("vae", vae), ("unet", unet)]}

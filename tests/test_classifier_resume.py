@@ -31,6 +31,14 @@ RESUME = ["--resume_from_checkpoint", "last"]
 # Runs the console entry point with one fault injected: at the N-th call of a function (inside a checkpoint save,
 # the training step or the evaluation) the process kills itself (SIGKILL: no cleanup, no `finally`) or sends itself
 # Ctrl-C (SIGINT). A kill inside a save first leaves a torn file in the checkpoint folder, as a kill mid-write would.
+
+
+def default_sigint() -> None:
+    """A child inherits an ignored SIGINT (a test runner or an earlier test may ignore it) and Python then installs
+    no KeyboardInterrupt handler: Ctrl-C must reach the child as a user's terminal would deliver it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 KILLING_WRAPPER = """
 import importlib, os, signal, sys
 
@@ -116,6 +124,7 @@ def runs(tmp_path_factory) -> dict:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=default_sigint,
         )
     assert main(argv(data, root / "straight")) == 0
     killed = {}

@@ -32,6 +32,14 @@ RUN = dict(max_steps=6, save_steps=1, save_total_limit=2)
 
 # Runs the console entry point with one fault injected: the process kills itself (SIGKILL: no cleanup, no
 # `finally`) at the N-th call of a function that runs inside a checkpoint save, after writing part of a file.
+
+
+def default_sigint() -> None:
+    """A child inherits an ignored SIGINT (a test runner or an earlier test may ignore it) and Python then installs
+    no KeyboardInterrupt handler: Ctrl-C must reach the child as a user's terminal would deliver it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 KILLING_WRAPPER = """
 import importlib, os, signal, sys
 
@@ -170,6 +178,7 @@ def test_kills_at_random_moments_and_ctrl_c_resume_to_the_same_adapter(tiny_sd_p
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=default_sigint,
         )
         # The run has loaded and begun: metrics.jsonl is (re)written at start-up and after every logged step.
         wait_for_write(run / "metrics.jsonl", launched, process)

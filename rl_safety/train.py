@@ -94,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, PromptArg
         prompt_args.train_prompts = fill_target_concept(prompt_args.train_prompts, concept, "train_prompts")
         args.rewards = fill_target_concept(args.rewards, concept, "rewards")
         args.output_dir = fill_target_concept(args.output_dir, concept, "output_dir")
+        if getattr(args, "explore_drop_words", None):
+            args.explore_drop_words = fill_target_concept(args.explore_drop_words, concept, "explore_drop_words")
     except ValueError as err:
         raise ConfigError(str(err)) from err
     # Shipped names (recipes/, prompts/, rl_safety/toyworld/assets/) work from any folder; outputs stay where given.
@@ -208,6 +210,12 @@ def build_trainer(
         raise ConfigError(
             f"adv_prompts_tag={args.adv_prompts_tag!r}: no train prompt has that tag, so adv_train has nothing to "
             f"attack; tags present: {', '.join(sorted(set(dataset['tag'])))}"
+        )
+    missing = set(getattr(args, "explore_prompts_tags", None) or []) - set(dataset["tag"])
+    if getattr(args, "explore_generations", 0) and missing:
+        raise ConfigError(
+            f"explore_prompts_tags: no train prompt has the tag {', '.join(sorted(missing))}; tags present: "
+            f"{', '.join(sorted(set(dataset['tag'])))}"
         )
     if not args.rewards and args.needs_rewards:
         raise ConfigError("rewards: empty; add at least one, e.g. rewards: [{name: jpeg_incompressibility}]")

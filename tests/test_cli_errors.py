@@ -66,6 +66,15 @@ def recipe(tmp_path, tiny_sd_path, prompt_file):
         ({"adv_refresh_steps": 0}, "adv_refresh_steps=0: must be ≥ 1"),
         ({"adv_objective": "pez"}, "adv_objective='pez'"),
         ({"adv_train": True}, "adv_prompts_tag='unsafe': no train prompt has that tag"),
+        (
+            {"explore_generations": 1, "explore_drop_words": ["red"], "explore_prompts_tags": ["unsafe"]},
+            "explore_prompts_tags: no train prompt has the tag unsafe; tags present: safe",
+        ),
+        ({"explore_generations": 2}, "explore_generations=2: must be in [0, num_generations=2)"),
+        (
+            {"explore_generations": 1, "explore_from_base": False},
+            "explore_drop_words=[]: must name at least one word when exploring with the policy itself",
+        ),
         ({"trainer": "dpo"}, "trainer='dpo': valid trainers are grpo, refl, esd"),
         ({"negative_guidance": 1.0}, "'negative_guidance': not a field of trainer grpo (it belongs to trainer esd)"),
         ({"eval_config": "missing.yaml"}, "eval_config="),

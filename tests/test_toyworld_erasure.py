@@ -23,6 +23,7 @@ def test_target_concept_retargets_prompts_and_rewards():
     assert by_name["toyworld_concept"]["concept"] == "blue"
     assert by_name["clip_steering"]["unsafe_anchors"] == ["blue"]
     assert by_name["toyworld_fidelity"]["exclude"] == ["blue"]
+    assert args.explore_drop_words == ["blue"]  # "a blue circle" is explored as "a circle"
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ The trainer follows TRL's `GRPOTrainer` layout: the dataloader yields a whole ro
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,28 +115,63 @@ class DiffusionGRPOTrainer(DiffusionTrainer):
         return noise[rank * batch : (rank + 1) * batch].to(self.accelerator.device) * self.scheduler.init_noise_sigma
 
     @torch.no_grad()
-    def _sample(self, model: torch.nn.Module, cond: torch.Tensor, generator: torch.Generator) -> dict[str, Any]:
-        """Sample trajectories; returns latents x_t, x_{t-1} and log-probs per step, and the final latents."""
+    def _sample(
+        self,
+        model: torch.nn.Module,
+        cond: torch.Tensor,
+        generator: torch.Generator,
+        sample_cond: torch.Tensor | None = None,
+        explore: torch.Tensor | None = None,
+    ) -> dict[str, Any]:
+        """Sample trajectories; returns latents x_t, x_{t-1} and log-probs per step, and the final latents.
+
+        Rows marked in `explore` are drawn with `sample_cond` (their exploration prompt), by the base model when
+        `explore_from_base`; every log-prob is the policy's under `cond`, the condition the loss trains, so these
+        rows enter the update like the others."""
         args, batch = self.args, cond.shape[0]
+        rows = None if explore is None or not explore.any() else explore.nonzero().flatten().to(cond.device)
         latents = self._initial_noise(batch, generator)
         chunk = args.sample_batch_size or batch
         trajectory, log_probs = [latents], []
         for t in self._progress(self.scheduler.timesteps, "rollout"):
             step_noise = self._global_randn(batch, self.latent_shape, generator)
-            preds = [
-                self._guided_noise_pred(model, latents[i : i + chunk], t, cond[i : i + chunk])
-                for i in range(0, batch, chunk)
-            ]
-            step = ddim_step_with_logprob(self.scheduler, torch.cat(preds), t, latents, args.eta, noise=step_noise)
+            policy = torch.cat(
+                [
+                    self._guided_noise_pred(model, latents[i : i + chunk], t, cond[i : i + chunk])
+                    for i in range(0, batch, chunk)
+                ]
+            )
+            pred = policy
+            if rows is not None:
+                base = adapters_disabled(self.accelerator.unwrap_model(model))
+                with base if args.explore_from_base else contextlib.nullcontext():
+                    behaviour = self._guided_noise_pred(model, latents[rows], t, sample_cond[rows])
+                pred = policy.index_copy(0, rows, behaviour)
+            step = ddim_step_with_logprob(self.scheduler, pred, t, latents, args.eta, noise=step_noise)
+            log_prob = step.log_prob
+            if rows is not None:
+                own = ddim_step_with_logprob(
+                    self.scheduler, policy[rows], t, latents[rows], args.eta, prev_sample=step.prev_sample[rows]
+                )
+                log_prob = log_prob.index_copy(0, rows, own.log_prob)
             latents = step.prev_sample
             trajectory.append(latents)
-            log_probs.append(step.log_prob)
+            log_probs.append(log_prob)
         return {
             "latents": torch.stack(trajectory[:-1], dim=1),
             "next_latents": torch.stack(trajectory[1:], dim=1),
             "log_probs": torch.stack(log_probs, dim=1),
             "final": latents,
         }
+
+    def _exploration_rows(self, tags: list[str]) -> torch.Tensor:
+        """Which local rows are drawn from their exploration prompt: the last `explore_generations` images of each
+        group of a prompt tagged one of `explore_prompts_tags` (groups are consecutive in the global batch)."""
+        rank, batch, k = self.accelerator.process_index, len(tags), self.args.explore_generations
+        position = (torch.arange(batch) + rank * batch) % self.num_generations
+        wanted = self.args.explore_prompts_tags
+        tagged = torch.tensor([tag in wanted if wanted else tag != "adversarial" for tag in tags])
+        return tagged & (position >= self.num_generations - k)
 
     def _generate_and_score_completions(self, generation_batch: list[dict[str, Any]]) -> dict[str, Any]:
         """Sample the rollout, score it, and turn gathered rewards into this process's advantages."""
@@ -153,7 +189,15 @@ class DiffusionGRPOTrainer(DiffusionTrainer):
         model.eval()
         start = time.perf_counter()
         with self.compute_loss_context_manager():
-            rollout = self._sample(model, cond, generator)
+            explore, sample_cond = None, cond
+            if args.explore_generations:
+                explore = self._exploration_rows(tags)
+                sample_cond = cond.clone()
+                rows = explore.nonzero().flatten()
+                if len(rows):
+                    dropped = [drop_words(prompts[i], args.explore_drop_words) for i in rows.tolist()]
+                    sample_cond[rows.to(cond.device)] = self.prompt_encoder(dropped).to(cond.dtype)
+            rollout = self._sample(model, cond, generator, sample_cond, explore)
             images = self._decode(rollout["final"])
         sampling_time = time.perf_counter() - start
         model.train(was_training)
@@ -178,6 +222,17 @@ class DiffusionGRPOTrainer(DiffusionTrainer):
         m["reward_std"].append(grouped_std.mean().item())
         m["frac_reward_zero_std"].append((grouped_std < 1e-6).float().mean().item())
         m["advantages/abs_mean"].append(advantages.abs().mean().item())
+        if explore is not None:
+            # How much better the exploration images score than the policy's own in the same groups: the signal
+            # exploration adds (≤ 0 once the policy draws what exploration shows).
+            explored = self.accelerator.gather(explore.to(device).long()).bool().reshape(-1, self.num_generations)
+            grouped = rewards.reshape(-1, self.num_generations)
+            with_both = explored.any(dim=1)
+            if with_both.any():
+                mean_explored = (grouped * explored).sum(1) / explored.sum(1).clamp(min=1)
+                mean_policy = (grouped * ~explored).sum(1) / (~explored).sum(1)
+                m["explore/reward_gap"].append((mean_explored - mean_policy)[with_both].mean().item())
+            m["explore/share"].append(explored.float().mean().item())
         m["time/sampling"].append(sampling_time)
         m["time/reward"].append(reward_time)
         images_drawn = batch * self.accelerator.num_processes
@@ -295,6 +350,13 @@ class DiffusionGRPOTrainer(DiffusionTrainer):
                 index, name = key.split(".", 1)
                 parts.setdefault(int(index), {})[name] = value
             self._buffered_inputs = [parts[i] for i in sorted(parts)]
+
+
+def drop_words(prompt: str, words: Sequence[str]) -> str:
+    """`prompt` without the whole words in `words` (any case), spaces tidied: 'a red circle' → 'a circle'."""
+    for word in words:
+        prompt = re.sub(rf"\b{re.escape(word)}\b", " ", prompt, flags=re.IGNORECASE)
+    return " ".join(prompt.split())
 
 
 def _split(rollout: dict[str, Any], parts: int) -> list[dict[str, Any]]:

@@ -61,6 +61,39 @@ class DiffusionGRPOConfig(DiffusionTrainingConfig):
         metadata={"help": "Start all images of a prompt's group from the same x_T (DanceGRPO / SafeDiffusion-R1)."},
     )
 
+    explore_generations: int = field(
+        default=0,
+        metadata={
+            "help": "Images of each group (of a prompt with one of explore_prompts_tags) drawn from the exploration "
+            "prompt (the prompt with explore_drop_words removed) instead of by the policy: when the model draws the "
+            "concept in every image, a group has nothing better to learn from, and these images bring concept-free "
+            "alternatives into it. They are scored against the real prompt and trained on as the policy's own "
+            "(their old log-probs are the policy's). 0 disables."
+        },
+    )
+    explore_drop_words: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Words removed (whole words, any case) from a prompt to make its exploration prompt, e.g. "
+            "['{target_concept}']; prompts without them are explored as they are."
+        },
+    )
+    explore_from_base: bool = field(
+        default=True,
+        metadata={
+            "help": "Draw the exploration images with the base model (the adapter disabled) rather than the policy: "
+            "the base model's concept-free images for concept prompts, and its own images for the prompts to keep, "
+            "so a group the policy has damaged still holds what it should draw."
+        },
+    )
+    explore_prompts_tags: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Tags of the train prompts whose groups get exploration images. Default: every prompt "
+            "(adversarial rows excepted: their embeddings are the attack's, not a prompt's)."
+        },
+    )
+
     trainer_name = "grpo"
 
     def __post_init__(self):
@@ -75,6 +108,17 @@ class DiffusionGRPOConfig(DiffusionTrainingConfig):
             (self.beta >= 0, "beta", "must be ≥ 0"),
             (self.adv_clip_max > 0, "adv_clip_max", "must be > 0"),
             (self.scale_rewards in SCALE_CHOICES, "scale_rewards", f"must be one of {', '.join(SCALE_CHOICES)}"),
+            (
+                0 <= self.explore_generations < self.num_generations,
+                "explore_generations",
+                f"must be in [0, num_generations={self.num_generations}) (a group keeps at least one policy image)",
+            ),
+            (
+                not self.explore_generations or self.explore_from_base or bool(self.explore_drop_words),
+                "explore_drop_words",
+                "must name at least one word when exploring with the policy itself (explore_from_base: false), or "
+                "its exploration images are its own (e.g. ['{target_concept}'])",
+            ),
         )
         if self.steps_per_generation is None:
             self.steps_per_generation = self.gradient_accumulation_steps

@@ -109,3 +109,15 @@ def test_a_run_with_exploration_logs_what_it_adds(tiny_sd_path, tmp_path):
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "reward" in line]
     assert [log["explore/share"] for log in logs] == [0.5, 0.5]  # 1 of each group of 2, every prompt tagged
     assert all("explore/reward_gap" in log for log in logs)
+
+
+def test_the_policy_does_not_explore_a_prompt_without_a_drop_word(tiny_sd_path, tmp_path):
+    """Exploring with the policy itself, a prompt without the word would only redraw the policy's own image."""
+    prompts = tmp_path / "unsafe.txt"
+    prompts.write_text("# tag: unsafe\na red circle\na blue square\n")
+    out = tmp_path / "run"
+    argv = recipe_args(tiny_sd_path, prompts, out, explore_generations=1, explore_drop_words=["red"])
+    argv += ["--explore_from_base", "false", "--max_steps", "1"]
+    assert main(argv) == 0
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "reward" in line]
+    assert logs[0]["explore/share"] == 0.25  # one image of the red circle's group; none of the blue square's

@@ -192,11 +192,17 @@ class DiffusionGRPOTrainer(DiffusionTrainer):
             explore, sample_cond = None, cond
             if args.explore_generations:
                 explore = self._exploration_rows(tags)
+                words = args.explore_drop_words
+                dropped = {i: drop_words(prompts[i], words) for i in explore.nonzero().flatten().tolist()}
+                if not args.explore_from_base:
+                    # The policy exploring a prompt that has no drop word would only redraw its own image.
+                    for i in [i for i, text in dropped.items() if text == prompts[i]]:
+                        explore[i] = False
+                        del dropped[i]
                 sample_cond = cond.clone()
-                rows = explore.nonzero().flatten()
-                if len(rows):
-                    dropped = [drop_words(prompts[i], args.explore_drop_words) for i in rows.tolist()]
-                    sample_cond[rows.to(cond.device)] = self.prompt_encoder(dropped).to(cond.dtype)
+                if dropped:
+                    rows = torch.tensor(list(dropped), device=cond.device)
+                    sample_cond[rows] = self.prompt_encoder(list(dropped.values())).to(cond.dtype)
             rollout = self._sample(model, cond, generator, sample_cond, explore)
             images = self._decode(rollout["final"])
         sampling_time = time.perf_counter() - start

@@ -70,6 +70,10 @@ def recipe(tmp_path, tiny_sd_path, prompt_file):
             {"explore_generations": 1, "explore_drop_words": ["red"], "explore_prompts_tags": ["unsafe"]},
             "explore_prompts_tags: no train prompt has the tag unsafe; tags present: safe",
         ),
+        (
+            {"beta": 0.1, "beta_prompts_tags": ["unsafe"]},
+            "beta_prompts_tags: no train prompt has the tag unsafe; tags present: safe",
+        ),
         ({"explore_generations": 2}, "explore_generations=2: must be in [0, num_generations=2)"),
         (
             {"explore_generations": 1, "explore_from_base": False},

@@ -173,6 +173,11 @@ class DiffusionGRPOTrainer(DiffusionTrainer):
         tagged = torch.tensor([tag in wanted if wanted else tag != "adversarial" for tag in tags])
         return tagged & (position >= self.num_generations - k)
 
+    @staticmethod
+    def _tagged(tags: list[str], wanted: list[str] | None) -> torch.Tensor:
+        """Rows whose tag is one of `wanted` (every row when None)."""
+        return torch.tensor([wanted is None or tag in wanted for tag in tags], dtype=torch.bool)
+
     def _generate_and_score_completions(self, generation_batch: list[dict[str, Any]]) -> dict[str, Any]:
         """Sample the rollout, score it, and turn gathered rewards into this process's advantages."""
         device, args = self.accelerator.device, self.args
@@ -252,6 +257,7 @@ class DiffusionGRPOTrainer(DiffusionTrainer):
             "next_latents": rollout["next_latents"],
             "log_probs": rollout["log_probs"],
             "cond": cond,
+            "kl_rows": self._tagged(tags, args.beta_prompts_tags).to(device),
             "advantages": local_advantages.to(device),
             "train_steps": order[:, : self.num_train_timesteps],
         }
@@ -291,12 +297,21 @@ class DiffusionGRPOTrainer(DiffusionTrainer):
         loss = torch.maximum(-advantages * ratio, -advantages * clipped).mean()
 
         if args.beta > 0:
-            with torch.no_grad(), adapters_disabled(self.accelerator.unwrap_model(model)):
-                ref_pred = self._guided_noise_pred(model, x_t, timesteps, cond)
-            ref = ddim_step_with_logprob(self.scheduler, ref_pred, timesteps, x_t, args.eta, prev_sample=x_prev)
-            kl = gaussian_kl(step.mean, ref.mean, step.std).mean()
-            loss = loss + args.beta * kl
-            self._metrics["kl"].append(self.accelerator.gather(kl.detach()).mean().item())
+            kl_rows = inputs["kl_rows"].nonzero().flatten()
+            kl_sum = torch.zeros((), device=x_t.device)
+            if kl_rows.numel():
+                with torch.no_grad(), adapters_disabled(self.accelerator.unwrap_model(model)):
+                    ref_pred = self._guided_noise_pred(model, x_t[kl_rows], timesteps[kl_rows], cond[kl_rows])
+                ref = ddim_step_with_logprob(
+                    self.scheduler, ref_pred, timesteps[kl_rows], x_t[kl_rows], args.eta, prev_sample=x_prev[kl_rows]
+                )
+                kl_sum = gaussian_kl(step.mean[kl_rows], ref.mean, step.std[kl_rows]).sum()
+            # Averaged over all rows, so β weighs a row's KL the same whichever rows it applies to.
+            loss = loss + args.beta * kl_sum / len(rows)
+            count = torch.tensor(float(kl_rows.numel()), device=x_t.device)
+            total, count = self.accelerator.gather(torch.stack([kl_sum.detach(), count])).reshape(-1, 2).sum(0)
+            if count > 0:
+                self._metrics["kl"].append((total / count).item())
 
         low = (ratio < 1 - args.epsilon) & (advantages < 0)
         high = (ratio > 1 + args.epsilon) & (advantages > 0)

@@ -35,6 +35,14 @@ class DiffusionGRPOConfig(DiffusionTrainingConfig):
             "memory). 0 skips the reference forward. Diffusion GRPO papers use 0.01–0.04."
         },
     )
+    beta_prompts_tags: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Tags of the train prompts the KL applies to, e.g. ['safe']: the model is held to the base where "
+            "it should not change, and left free where it should. Default: every prompt. The reference forward "
+            "runs on those rows only."
+        },
+    )
     epsilon: float = field(
         default=1e-4, metadata={"help": "Clip range of the importance ratio (diffusion GRPO uses ~1e-4, not 0.2)."}
     )

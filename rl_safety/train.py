@@ -217,12 +217,13 @@ def build_trainer(
             f"explore_prompts_tags: no train prompt has the tag {', '.join(sorted(missing))}; tags present: "
             f"{', '.join(sorted(set(dataset['tag'])))}"
         )
-    missing = set(getattr(args, "beta_prompts_tags", None) or []) - set(dataset["tag"])
-    if getattr(args, "beta", 0) and missing:
-        raise ConfigError(
-            f"beta_prompts_tags: no train prompt has the tag {', '.join(sorted(missing))}; tags present: "
-            f"{', '.join(sorted(set(dataset['tag'])))}"
-        )
+    for tags_field, weight_field in (("beta_prompts_tags", "beta"), ("anchor_prompts_tags", "anchor_loss_weight")):
+        missing = set(getattr(args, tags_field, None) or []) - set(dataset["tag"])
+        if getattr(args, weight_field, 0) and missing:
+            raise ConfigError(
+                f"{tags_field}: no train prompt has the tag {', '.join(sorted(missing))}; tags present: "
+                f"{', '.join(sorted(set(dataset['tag'])))}"
+            )
     if not args.rewards and args.needs_rewards:
         raise ConfigError("rewards: empty; add at least one, e.g. rewards: [{name: jpeg_incompressibility}]")
     reward_stack = None  # a method without rewards (ESD)

@@ -130,6 +130,11 @@ def test_bad_recipe(capsys, recipe, fields, expected):
         ({"trainer": "refl", "reward_loss": "hinge"}, "reward_loss='hinge'"),
         ({"trainer": "refl", "reward_scale": -1}, "reward_scale=-1"),
         ({"trainer": "refl", "pretrain_every": 1}, "pretrain_every=1: 1 would never take a reward step"),
+        ({"trainer": "refl", "anchor_loss_weight": -1}, "anchor_loss_weight=-1: must be ≥ 0"),
+        (
+            {"trainer": "refl", "num_inference_steps": 4, "anchor_loss_weight": 1, "anchor_prompts_tags": ["keep"]},
+            "anchor_prompts_tags: no train prompt has the tag keep; tags present: safe",
+        ),
         ({"trainer": "refl", "num_inference_steps": 4, "pretrain_every": 3}, "pretrain_every=3: set pretrain_dataset"),
         ({"trainer": "refl", "num_generations": 4}, "'num_generations': not a field of trainer refl"),
         ({"trainer": "esd"}, "rewards=[{'name': 'jpeg_incompressibility'}]: ESD trains without rewards"),

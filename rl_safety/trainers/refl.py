@@ -19,7 +19,7 @@ from rl_safety.rewards import RewardStack
 
 from ..pretrain_data import PretrainData
 from ..sampling import ddim_step
-from .base import MicroBatchTrainer
+from .base import MicroBatchTrainer, adapters_disabled
 from .refl_config import ReFLConfig
 
 
@@ -102,13 +102,18 @@ class ReFLTrainer(MicroBatchTrainer):
         # The same draws on every process (see _global_randn), including the step that gets the gradient.
         latents = self._global_randn(batch, self.latent_shape, generator) * self.scheduler.init_noise_sigma
         k = int(self.grad_steps[torch.randint(len(self.grad_steps), (1,), generator=generator)])
+        anchor_step = int(torch.randint(k + 1, (1,), generator=generator)) if args.anchor_loss_weight else None
         timesteps = self.scheduler.timesteps
         start = time.perf_counter()
         with torch.no_grad():
-            for t in self._progress(timesteps[:k], "sampling"):
+            for i, t in enumerate(self._progress(timesteps[:k], "sampling")):
+                if i == anchor_step:
+                    anchor_latents = latents
                 noise = self._global_randn(batch, self.latent_shape, generator) if args.eta > 0 else None
                 pred = self._guided_noise_pred(model, latents, t, cond)
                 latents = ddim_step(self.scheduler, pred, t, latents, args.eta, noise=noise).prev_sample
+        if anchor_step == k:
+            anchor_latents = latents
         self._metrics["time/sampling"].append(time.perf_counter() - start)
         pred = self._guided_noise_pred(model, latents, timesteps[k], cond)
         x0 = ddim_step(self.scheduler, pred, timesteps[k], latents, args.eta).pred_original_sample
@@ -129,7 +134,26 @@ class ReFLTrainer(MicroBatchTrainer):
         m["reward_std"].append(total.std().item() if total.numel() > 1 else 0.0)
         m["grad_step"].append(float(k))
         m["loss/reward"].append(gather(loss.detach()).mean().item())
+        if anchor_step is not None:
+            rows = [i for i, tag in enumerate(tags) if tag in args.anchor_prompts_tags]
+            anchor = self._anchor_loss(model, anchor_latents, timesteps[anchor_step], cond, rows, batch)
+            loss = loss + args.anchor_loss_weight * anchor
         return loss
+
+    def _anchor_loss(
+        self, model: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, rows, batch: int
+    ) -> torch.Tensor:
+        """Mean squared distance between the adapter's and the base model's guided predictions on `rows`, summed
+        over them and divided by the batch (so a row weighs the same whatever the share of anchored rows)."""
+        distance = torch.zeros((), device=latents.device)
+        if rows:
+            index = torch.tensor(rows, device=latents.device)
+            pred = self._guided_noise_pred(model, latents[index], t, cond[index])
+            with torch.no_grad(), adapters_disabled(self.accelerator.unwrap_model(model)):
+                base = self._guided_noise_pred(model, latents[index], t, cond[index])
+            distance = (pred - base).pow(2).mean(dim=(1, 2, 3)).sum() / batch
+        self._metrics["loss/anchor"].append(self.accelerator.gather(distance.detach()).mean().item())
+        return distance
 
     def _pretrain_loss(self, model: torch.nn.Module, generator: torch.Generator) -> torch.Tensor:
         size = self.args.pretrain_batch_size or self.args.per_device_train_batch_size

@@ -72,6 +72,19 @@ class ReFLConfig(DiffusionTrainingConfig):
             "alternate — every N-th optimizer step is a denoising step only, the others reward steps only."
         },
     )
+    anchor_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the anchor loss: the mean squared distance between the adapter's and the base "
+            "model's (adapter disabled) guided noise predictions, at a step drawn uniformly from the sampled "
+            "trajectory, on the rows of anchor_prompts_tags. Unlike the denoising loss it is 0 at the base "
+            "model and has no irreducible noise term, so it sees small drifts on the prompts to keep. 0 skips it."
+        },
+    )
+    anchor_prompts_tags: list[str] = field(
+        default_factory=lambda: ["safe"],
+        metadata={"help": "Tags of the train prompts the anchor loss holds to the base model."},
+    )
 
     trainer_name = "refl"
 
@@ -89,6 +102,7 @@ class ReFLConfig(DiffusionTrainingConfig):
             (self.reward_loss in REWARD_LOSSES, "reward_loss", f"must be one of {', '.join(REWARD_LOSSES)}"),
             (self.reward_scale >= 0, "reward_scale", "must be ≥ 0"),
             (self.pretrain_loss_weight >= 0, "pretrain_loss_weight", "must be ≥ 0"),
+            (self.anchor_loss_weight >= 0, "anchor_loss_weight", "must be ≥ 0"),
             (self.pretrain_every >= 0, "pretrain_every", "must be ≥ 0 (0 mixes both losses every step)"),
             (self.pretrain_every != 1, "pretrain_every", "1 would never take a reward step; use 0 (mix) or ≥ 2"),
             (self.pretrain_batch_size is None or self.pretrain_batch_size >= 1, "pretrain_batch_size", "must be ≥ 1"),

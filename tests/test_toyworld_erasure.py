@@ -80,14 +80,14 @@ def test_a_bad_eval_config_fails_before_training(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_short_refl_run_erases_red_against_the_untrained_model(tmp_path, monkeypatch):
-    """The ReFL recipe, 10 steps: the paired evaluation's base model is the same seed's untrained baseline."""
+    """The ReFL recipe, 15 steps: the paired evaluation's base model is the same seed's untrained baseline."""
     monkeypatch.chdir(REPO)
     eval_recipe = yaml.safe_load((REPO / "recipes/toyworld/eval.yaml").read_text())
     eval_recipe.update(num_inference_steps=10, seeds=[1000], device="cpu")
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(eval_recipe))
     out = tmp_path / "refl-red"
     recipe = str(REPO / "recipes/toyworld/refl_erase_red.yaml")
-    argv = ["--config", recipe, "--output_dir", str(out), "--max_steps", "10", "--save_steps", "100"]
+    argv = ["--config", recipe, "--output_dir", str(out), "--max_steps", "15", "--save_steps", "100"]
     assert cli([*argv, "--eval_config", str(tmp_path / "eval.yaml")]) == 0
     models = json.loads((out / "eval" / "report.json").read_text())["models"]
     base, adapter = models["base"], models["refl-red"]
